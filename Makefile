@@ -1,0 +1,34 @@
+# `make run`: set up (once), then train and evaluate DAB-DETR on the built-in dataset.
+# `make test`: set up (once), then lint and run the whole test suite.
+# The environment is a virtualenv in .venv, created when missing and reused when present.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision for a fresh environment; one that already imports torch keeps its own.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint setup clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py tools/install_detectron2.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) train_net.py --config-file configs/quick_schedules/dab_detr_R_18_shapes.yaml \
+		OUTPUT_DIR output/dab_detr_R_18_shapes
+
+lint: $(STAMP)
+	$(PY) -m ruff check dab_detr tests tools train_net.py benchmarks
+
+test: lint
+	$(PY) -m pytest tests -q
+
+clean:
+	rm -rf $(VENV) output

@@ -1,0 +1,119 @@
+"""Multi-head attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+DAB-DETR's attentions project their inputs outside the attention (content and position
+separately), and its cross-attention has queries and keys twice as wide as its values
+(each head concatenates a content and a positional part). ``Attention`` takes projected
+tensors of any such widths; ``EncoderSelfAttention`` adds the encoder's packed projections.
+
+Shapes: B batch, Nq queries, Nk keys, h heads, E query/key width, V value width.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Attention", "EncoderSelfAttention", "key_padding_to_attn_mask"]
+
+
+def key_padding_to_attn_mask(key_padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``(B, Nk)`` bool, True at padding -> ``(B, 1, 1, Nk)`` bool, True where attention is
+    allowed (SDPA's convention), or None for no mask."""
+    if key_padding_mask is None:
+        return None
+    return ~key_padding_mask[:, None, None, :]
+
+
+def multi_head_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    num_heads: int,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Scaled dot-product attention over ``num_heads`` heads, scale ``(E / h) ** -0.5``.
+
+    Args:
+        query: ``(B, Nq, E)``.
+        key: ``(B, Nk, E)``.
+        value: ``(B, Nk, V)``.
+        num_heads: h; E and V must be divisible by it.
+        attn_mask: ``(B, 1, 1, Nk)`` bool, True where a key may be attended, or None.
+        dropout_p: dropout on the attention weights.
+
+    Returns:
+        ``(B, Nq, V)``: the heads' outputs concatenated.
+    """
+    b, nq, e = query.shape
+    nk, v = key.shape[1], value.shape[2]
+    # (B, N, h * d) -> (B, h, N, d): SDPA's layout
+    q = query.view(b, nq, num_heads, e // num_heads).transpose(1, 2)
+    k = key.view(b, nk, num_heads, e // num_heads).transpose(1, 2)
+    val = value.view(b, nk, num_heads, v // num_heads).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, val, attn_mask=attn_mask, dropout_p=dropout_p)
+    # (B, h, Nq, V / h) -> (B, Nq, V)
+    return out.transpose(1, 2).reshape(b, nq, v)
+
+
+class Attention(nn.Module):
+    """Attention of already projected queries, keys and values, then an output projection."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
+        """
+        Args:
+            embed_dim: V, the width of the values and of the output.
+            num_heads: number of heads.
+            dropout: dropout on the attention weights, in training.
+        """
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Shapes as in ``multi_head_attention``; returns ``(B, Nq, V)``."""
+        dropout_p = self.dropout if self.training else 0.0
+        out = multi_head_attention(query, key, value, self.num_heads, attn_mask, dropout_p)
+        return self.out_proj(out)
+
+
+class EncoderSelfAttention(Attention):
+    """DETR encoder self-attention: queries and keys from ``x + pos``, values from ``x``.
+
+    The projections are packed in one ``in_proj_weight`` (q, k, v rows), the layout of
+    ``nn.MultiheadAttention`` and of the released checkpoints.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__(embed_dim, num_heads, dropout)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """
+        Args:
+            x: ``(B, N, C)`` tokens.
+            pos: ``(B, N, C)`` position encoding added to queries and keys.
+            attn_mask: ``(B, 1, 1, N)`` bool, True at keys that may be attended, or None.
+
+        Returns:
+            ``(B, N, C)``.
+        """
+        c = x.shape[-1]
+        # one matmul for q and k, which share their input
+        qk = F.linear(x + pos, self.in_proj_weight[: 2 * c], self.in_proj_bias[: 2 * c])
+        q, k = qk.split(c, dim=-1)
+        v = F.linear(x, self.in_proj_weight[2 * c :], self.in_proj_bias[2 * c :])
+        return super().forward(q, k, v, attn_mask)

@@ -1,0 +1,94 @@
+"""Loading weight files without running code from them.
+
+``.pth``/``.bin`` files go through ``torch.load(weights_only=True)``, ``.safetensors``
+through safetensors, and Detectron2's ``.pkl`` model-zoo files through an unpickler that
+only rebuilds numpy arrays and plain containers. A file that needs anything else is refused
+with an error naming it.
+"""
+
+import io
+import os
+import pickle
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+__all__ = ["load_state_dict_file", "load_restricted_pickle", "UnsafeCheckpointError"]
+
+
+class UnsafeCheckpointError(ValueError):
+    """The file would need arbitrary unpickling (code execution) to load."""
+
+
+# (module, name) pairs a numpy/containers pickle may reference; numpy 2 renamed numpy.core.
+_PICKLE_ALLOWED = {
+    (mod, name)
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
+} | {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+    ("builtins", "dict"),
+    ("builtins", "list"),
+    ("builtins", "tuple"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise UnsafeCheckpointError(
+                f"refusing to unpickle {module}.{name}: only numpy arrays and plain "
+                "containers are allowed in weight files"
+            )
+        return super().find_class(module, name)
+
+
+def load_restricted_pickle(path: str) -> Any:
+    """Unpickle ``path`` allowing numpy arrays and plain containers only."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"{path}: {e}") from None
+
+
+def _resolve(path: str) -> str:
+    """A transformers model directory -> its weight file."""
+    if not os.path.isdir(path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no such checkpoint: {path}")
+        return path
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise FileNotFoundError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+
+
+def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
+    """Read a weight file (or transformers model directory) into a dict of tensors.
+
+    Returns the file's top-level dict as loaded (``{"model": ...}`` wrappers are kept), with
+    numpy arrays from ``.pkl`` files turned into tensors.
+    """
+    path = _resolve(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    if path.endswith(".pkl"):
+        data = load_restricted_pickle(path)
+        model = data.get("model", data) if isinstance(data, dict) else data
+        if not isinstance(model, dict):
+            raise ValueError(f"{path}: expected a dict of arrays, got {type(model).__name__}")
+        return {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in model.items()}
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it needs objects other than tensors and plain containers "
+            f"(torch weights-only loader: {str(e).splitlines()[0]})"
+        ) from None

@@ -1,0 +1,86 @@
+"""Config keys of DAB-DETR, added to a Detectron2 ``CfgNode`` by ``add_dab_detr_config``.
+
+Defaults are the paper's R50 model (Liu et al., "DAB-DETR: Dynamic Anchor Boxes are Better
+Queries for DETR", ICLR 2022, arXiv 2201.12329) as released in IDEA-Research/DAB-DETR.
+"""
+
+from typing import List, Optional
+
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_dab_detr_config", "get_dab_detr_cfg"]
+
+
+def add_dab_detr_config(cfg: CN) -> None:
+    """Add ``MODEL.DAB_DETR.*`` and the solver/input keys DAB-DETR uses to ``cfg`` in place."""
+    _C = cfg
+    _C.MODEL.DAB_DETR = CN()
+    d = _C.MODEL.DAB_DETR
+    # Number of foreground classes (the classifier has no background class: sigmoid scores).
+    d.NUM_CLASSES = 80
+    # Number of anchor boxes (queries per pattern).
+    d.NUM_QUERIES = 300
+    # Learned content patterns; each is paired with every anchor (NUM_QUERIES * NUM_PATTERNS
+    # decoder queries). 0: the content queries start at zero (the paper's default model).
+    d.NUM_PATTERNS = 0
+    # Transformer width, attention heads, FFN width and depth.
+    d.HIDDEN_DIM = 256
+    d.NHEADS = 8
+    d.DIM_FEEDFORWARD = 2048
+    d.ENC_LAYERS = 6
+    d.DEC_LAYERS = 6
+    # Dropout in attention outputs and FFNs (0.0 in the released models).
+    d.DROPOUT = 0.0
+    # FFN activation: "prelu" (one learned slope per layer, as released), "relu" or "gelu".
+    d.ACTIVATION = "prelu"
+    # Temperatures of the image sine position encoding along y (height) and x (width).
+    # The paper tunes them to 20; the released DC5 checkpoints were trained with 10.
+    d.PE_TEMPERATURE_H = 20
+    d.PE_TEMPERATURE_W = 20
+    # 4: anchors are boxes (x, y, w, h). 2: anchor points (x, y), the Conditional-DETR-style
+    # ablation of the paper (requires MODULATE_HW_ATTN = False).
+    d.QUERY_DIM = 4
+    # Scale the x/y parts of the positional query by w_ref/w and h_ref/h (paper Sec. 4.3).
+    d.MODULATE_HW_ATTN = True
+    # Refine the anchors layer by layer; False keeps the initial anchors in every layer.
+    d.ITER_UPDATE = True
+    # Add the projected positional query to the content query in every cross-attention,
+    # not only in the first decoder layer.
+    d.KEEP_QUERY_POS = False
+    # One box head per decoder layer instead of one shared head.
+    d.BBOX_EMBED_DIFF_EACH_LAYER = False
+    # "fixxy": anchor centres drawn uniformly in [0, 1] at construction and never trained.
+    d.RANDOM_REFPOINTS_XY = False
+    # Detections kept per image at inference: top-k over queries x classes.
+    d.NUM_SELECT = 300
+    # Compute the set loss on every decoder layer's predictions.
+    d.AUX_LOSS = True
+    # Loss weights: sigmoid focal classification, L1 and GIoU box losses.
+    d.CLASS_WEIGHT = 1.0
+    d.BBOX_WEIGHT = 5.0
+    d.GIOU_WEIGHT = 2.0
+    # Focal loss parameters (used by the loss and by the matcher's class cost).
+    d.FOCAL_ALPHA = 0.25
+    d.FOCAL_GAMMA = 2.0
+    # Hungarian matcher costs.
+    d.SET_COST_CLASS = 2.0
+    d.SET_COST_BBOX = 5.0
+    d.SET_COST_GIOU = 2.0
+
+    # Learning-rate factor of the backbone relative to SOLVER.BASE_LR.
+    _C.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # "ADAMW" (the paper's optimizer) or "SGD".
+    _C.SOLVER.OPTIMIZER = "ADAMW"
+
+
+def get_dab_detr_cfg(config_file: str = "", opts: Optional[List[str]] = None) -> CN:
+    """Detectron2's default config with DAB-DETR's keys, merged with ``config_file`` and
+    ``opts`` (``["KEY", "VALUE", ...]``)."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_dab_detr_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts or []))
+    return cfg

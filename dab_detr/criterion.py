@@ -1,0 +1,118 @@
+"""DAB-DETR's set criterion: sigmoid focal classification, L1 and GIoU box losses on
+Hungarian-matched pairs, for the final and every auxiliary decoder layer.
+
+Shapes: B batch, NQ queries, K classes, N_i target boxes of image i. Boxes are cxcywh
+normalised to [0, 1].
+"""
+
+from typing import Dict, List, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+
+from .matcher import HungarianMatcher
+
+__all__ = ["SetCriterion"]
+
+Indices = List[Tuple[torch.Tensor, torch.Tensor]]
+
+
+class SetCriterion(nn.Module):
+    """Computes the unweighted loss terms; ``weight_dict`` says how to weight each one."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        weight_dict: Dict[str, float],
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ):
+        """
+        Args:
+            num_classes: K.
+            matcher: assigns predictions to targets.
+            weight_dict: weight of ``loss_ce``, ``loss_bbox``, ``loss_giou`` and of their
+                auxiliary copies ``loss_ce_0``, ... (one suffix per decoder layer but the last).
+            focal_alpha, focal_gamma: focal-loss parameters.
+        """
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = weight_dict
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    def loss_labels(self, outputs, targets, indices: Indices, num_boxes: float):
+        """Sigmoid focal loss against one-hot targets (all zeros for unmatched queries),
+        summed over queries and classes and divided by the number of target boxes."""
+        logits = outputs["pred_logits"]  # (B, NQ, K)
+        target = torch.zeros_like(logits)
+        batch_idx, query_idx = _flat_indices(indices)
+        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        target[batch_idx, query_idx, labels] = 1.0
+        loss = sigmoid_focal_loss(
+            logits, target, self.focal_alpha, self.focal_gamma, reduction="sum"
+        )
+        return {"loss_ce": loss / num_boxes}
+
+    def loss_boxes(self, outputs, targets, indices: Indices, num_boxes: float):
+        """L1 and GIoU losses of the matched boxes, summed and divided by the box count."""
+        batch_idx, query_idx = _flat_indices(indices)
+        src = outputs["pred_boxes"][batch_idx, query_idx]  # (sum_i N_i, 4)
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
+        loss_giou = generalized_box_iou_loss(
+            box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"), "sum"
+        )
+        return {
+            "loss_bbox": F.l1_loss(src, tgt, reduction="sum") / num_boxes,
+            "loss_giou": loss_giou / num_boxes,
+        }
+
+    def _layer_losses(self, outputs, targets, num_boxes: float) -> Dict[str, torch.Tensor]:
+        indices = self.matcher(outputs, targets)
+        losses = self.loss_labels(outputs, targets, indices, num_boxes)
+        losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
+        return losses
+
+    def forward(
+        self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            outputs: ``pred_logits`` ``(B, NQ, K)``, ``pred_boxes`` ``(B, NQ, 4)`` and
+                optionally ``aux_outputs``, a list of such dicts for the earlier layers.
+            targets: per image, ``labels`` ``(N_i,)`` and ``boxes`` ``(N_i, 4)``.
+
+        Returns:
+            Unweighted losses: ``loss_ce``, ``loss_bbox``, ``loss_giou``, then the same
+            with suffix ``_i`` for auxiliary layer i.
+        """
+        num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
+        losses = self._layer_losses(outputs, targets, num_boxes)
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            aux_losses = self._layer_losses(aux, targets, num_boxes)
+            losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
+        return losses
+
+    @staticmethod
+    def num_boxes(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> float:
+        """Target boxes per worker, averaged over all workers (at least 1), so that every
+        worker divides by the same number and gradients match single-process training."""
+        n = torch.as_tensor(
+            [float(sum(len(t["labels"]) for t in targets))], dtype=torch.float, device=device
+        )
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(n)
+            n = n / dist.get_world_size()
+        return n.clamp(min=1).item()
+
+
+def _flat_indices(indices: Indices) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-image ``(query_idx, target_idx)`` -> flat ``(batch_idx, query_idx)``."""
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    query_idx = torch.cat([src for src, _ in indices])
+    return batch_idx, query_idx

@@ -1,0 +1,224 @@
+"""DAB-DETR's decoder: queries are anchor boxes, refined layer by layer.
+
+In each layer the anchor's sine embedding gives the positional query (through
+``ref_point_head``) and, scaled by the content and modulated by the anchor's width and
+height, the spatial part of the cross-attention query. Each head of the cross-attention
+concatenates a content part and a positional part, for the queries and for the keys.
+
+Shapes: B batch, NQ queries, HW memory tokens, C channels, h heads, D anchor dims
+(4: cxcywh, 2: cxcy), L layers. Anchors are normalised to [0, 1].
+"""
+
+from typing import Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .box_ops import inverse_sigmoid
+from .mlp import MLP
+from .position_encoding import box_sine_embedding
+
+__all__ = ["TransformerDecoder", "TransformerDecoderLayer"]
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Post-norm layer: self-attention, anchor-conditioned cross-attention, FFN."""
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int,
+        dropout: float,
+        activation: Type[nn.Module],
+        use_query_pos: bool,
+    ):
+        """
+        Args:
+            use_query_pos: add the projected positional query to the content query, and the
+                key position to the key content, in the cross-attention (the first layer,
+                or every layer with ``keep_query_pos``).
+        """
+        super().__init__()
+        self.nhead = nhead
+        self.dropout = dropout
+        # self-attention: separate content and position projections of queries and keys
+        self.sa_qcontent_proj = nn.Linear(d_model, d_model)
+        self.sa_qpos_proj = nn.Linear(d_model, d_model)
+        self.sa_kcontent_proj = nn.Linear(d_model, d_model)
+        self.sa_kpos_proj = nn.Linear(d_model, d_model)
+        self.sa_v_proj = nn.Linear(d_model, d_model)
+        self.self_attn = Attention(d_model, nhead, dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        # cross-attention
+        self.ca_qcontent_proj = nn.Linear(d_model, d_model)
+        self.ca_qpos_proj = nn.Linear(d_model, d_model) if use_query_pos else None
+        self.ca_kcontent_proj = nn.Linear(d_model, d_model)
+        self.ca_kpos_proj = nn.Linear(d_model, d_model)
+        self.ca_v_proj = nn.Linear(d_model, d_model)
+        self.ca_qpos_sine_proj = nn.Linear(d_model, d_model)
+        self.cross_attn = Attention(d_model, nhead, dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        # FFN
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.activation = activation()
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        pos: torch.Tensor,
+        query_pos: torch.Tensor,
+        query_sine_embed: torch.Tensor,
+        memory_mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """
+        Args:
+            tgt: ``(B, NQ, C)`` content queries.
+            memory: ``(B, HW, C)`` encoder output.
+            pos: ``(B, HW, C)`` image position encoding.
+            query_pos: ``(B, NQ, C)`` positional queries (MLP of the anchors' embedding).
+            query_sine_embed: ``(B, NQ, C)`` modulated (y, x) sine embedding of the anchors.
+            memory_mask: ``(B, 1, 1, HW)`` bool, True at tokens that may be attended.
+
+        Returns:
+            ``(B, NQ, C)`` updated content queries.
+        """
+        p = self.dropout if self.training else 0.0
+        q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
+        k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
+        tgt = self.norm1(tgt + F.dropout(self.self_attn(q, k, self.sa_v_proj(tgt)), p))
+
+        b, nq, c = tgt.shape
+        hw = memory.shape[1]
+        q = self.ca_qcontent_proj(tgt)
+        k = self.ca_kcontent_proj(memory)
+        k_pos = self.ca_kpos_proj(pos)
+        if self.ca_qpos_proj is not None:
+            q = q + self.ca_qpos_proj(query_pos)
+            k = k + k_pos
+        q_sine = self.ca_qpos_sine_proj(query_sine_embed)
+        # per head, concatenate content and position: (B, N, h, C/h) x 2 -> (B, N, 2C)
+        q = torch.cat([q.view(b, nq, self.nhead, -1), q_sine.view(b, nq, self.nhead, -1)], 3)
+        k = torch.cat([k.view(b, hw, self.nhead, -1), k_pos.view(b, hw, self.nhead, -1)], 3)
+        attn = self.cross_attn(
+            q.view(b, nq, 2 * c), k.view(b, hw, 2 * c), self.ca_v_proj(memory), memory_mask
+        )
+        tgt = self.norm2(tgt + F.dropout(attn, p))
+
+        ffn = self.linear2(F.dropout(self.activation(self.linear1(tgt)), p))
+        return self.norm3(tgt + F.dropout(ffn, p))
+
+
+class TransformerDecoder(nn.Module):
+    """Stack of decoder layers that refines the anchors after each layer."""
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        num_layers: int,
+        dim_feedforward: int,
+        dropout: float,
+        activation: Type[nn.Module],
+        query_dim: int = 4,
+        keep_query_pos: bool = False,
+        modulate_hw_attn: bool = True,
+        bbox_embed: Optional[nn.Module] = None,
+    ):
+        """
+        Args:
+            query_dim: D, 4 for anchor boxes, 2 for anchor points.
+            keep_query_pos: add the positional query in every layer's cross-attention.
+            modulate_hw_attn: scale the x (y) part of the spatial query by w_ref / w
+                (h_ref / h); needs ``query_dim == 4``.
+            bbox_embed: box head (or ``nn.ModuleList`` of one per layer) whose output,
+                added to the inverse sigmoid of the anchors, gives the next layer's anchors;
+                None keeps the anchors fixed.
+        """
+        super().__init__()
+        if modulate_hw_attn and query_dim != 4:
+            raise ValueError("modulate_hw_attn needs 4D anchor boxes (query_dim=4)")
+        self.layers = nn.ModuleList(
+            TransformerDecoderLayer(
+                d_model, nhead, dim_feedforward, dropout, activation, i == 0 or keep_query_pos
+            )
+            for i in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.d_model = d_model
+        self.query_dim = query_dim
+        self.query_scale = MLP(d_model, d_model, d_model, 2)
+        self.ref_point_head = MLP(query_dim // 2 * d_model, d_model, d_model, 2)
+        self.ref_anchor_head = MLP(d_model, d_model, 2, 2) if modulate_hw_attn else None
+        self.bbox_embed = bbox_embed
+
+    def _box_head(self, layer_id: int) -> nn.Module:
+        if isinstance(self.bbox_embed, nn.ModuleList):
+            return self.bbox_embed[layer_id]
+        return self.bbox_embed
+
+    def _spatial_query(
+        self, sine_embed: torch.Tensor, tgt: torch.Tensor, anchors: torch.Tensor, layer_id: int
+    ) -> torch.Tensor:
+        """(y, x) part of the anchors' sine embedding, scaled by the content and modulated by
+        the anchor size. ``sine_embed``: ``(B, NQ, D * C / 2)``; returns ``(B, NQ, C)``."""
+        c = self.d_model
+        spatial = sine_embed[..., :c]
+        if layer_id > 0:  # the first layer uses the embedding as it is
+            spatial = spatial * self.query_scale(tgt)
+        if self.ref_anchor_head is not None:
+            ref_wh = self.ref_anchor_head(tgt).sigmoid()  # (B, NQ, 2): (w_ref, h_ref)
+            # channels [0, C/2) encode y, [C/2, C) encode x
+            scale_y = (ref_wh[..., 1] / anchors[..., 3]).unsqueeze(-1)
+            scale_x = (ref_wh[..., 0] / anchors[..., 2]).unsqueeze(-1)
+            spatial = torch.cat(
+                [spatial[..., : c // 2] * scale_y, spatial[..., c // 2 :] * scale_x], -1
+            )
+        return spatial
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        pos: torch.Tensor,
+        refpoints_unsigmoid: torch.Tensor,
+        memory_mask: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            tgt: ``(B, NQ, C)`` initial content queries.
+            memory: ``(B, HW, C)`` encoder output.
+            pos: ``(B, HW, C)`` image position encoding.
+            refpoints_unsigmoid: ``(B, NQ, D)`` anchors before the sigmoid.
+            memory_mask: ``(B, 1, 1, HW)`` bool, True at tokens that may be attended.
+
+        Returns:
+            hs: ``(L, B, NQ, C)`` layer-normed outputs of every layer.
+            references: ``(L, B, NQ, D)`` the anchors each layer's output refines (the
+                anchors fed to that layer, not detached); ``(1, B, NQ, D)`` without updates.
+        """
+        anchors = refpoints_unsigmoid.sigmoid()
+        references = [anchors]
+        intermediate = []
+        sine_embed = None
+        for layer_id, layer in enumerate(self.layers):
+            if sine_embed is None or self.bbox_embed is not None:
+                sine_embed = box_sine_embedding(anchors, self.d_model // 2)
+                query_pos = self.ref_point_head(sine_embed)
+            spatial = self._spatial_query(sine_embed, tgt, anchors, layer_id)
+            tgt = layer(tgt, memory, pos, query_pos, spatial, memory_mask)
+            if self.bbox_embed is not None:
+                delta = self._box_head(layer_id)(tgt)  # refined from the un-normed output
+                d = self.query_dim
+                new_anchors = (delta[..., :d] + inverse_sigmoid(anchors)).sigmoid()
+                if layer_id < len(self.layers) - 1:
+                    references.append(new_anchors)
+                # gradients reach a layer's anchors only through that layer's predictions
+                anchors = new_anchors.detach()
+            intermediate.append(self.norm(tgt))
+        return torch.stack(intermediate), torch.stack(references)

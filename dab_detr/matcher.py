@@ -1,0 +1,92 @@
+"""Hungarian matching of predictions to ground truth, with DAB-DETR's focal class cost.
+
+Shapes: B batch, NQ queries, K classes, N_i target boxes of image i, N = sum_i N_i.
+Boxes are cxcywh normalised to [0, 1].
+"""
+
+from typing import Dict, List, Tuple
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou
+
+__all__ = ["HungarianMatcher"]
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one assignment minimising ``w_class * focal + w_bbox * L1 - w_giou * GIoU``."""
+
+    def __init__(
+        self,
+        cost_class: float = 2.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ):
+        super().__init__()
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError("all matcher costs are 0")
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    def cost_matrix(
+        self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, labels: torch.Tensor,
+        boxes: torch.Tensor,
+    ) -> torch.Tensor:
+        """Cost of assigning every prediction to every target.
+
+        Args:
+            pred_logits: ``(M, K)`` class logits.
+            pred_boxes: ``(M, 4)`` predicted boxes.
+            labels: ``(N,)`` target classes in [0, K).
+            boxes: ``(N, 4)`` target boxes.
+
+        Returns:
+            ``(M, N)`` costs.
+        """
+        prob = pred_logits.sigmoid()[:, labels]  # (M, N)
+        a, g = self.focal_alpha, self.focal_gamma
+        neg = (1 - a) * prob**g * -(1 - prob + 1e-8).log()
+        pos = a * (1 - prob) ** g * -(prob + 1e-8).log()
+        cost_bbox = torch.cdist(pred_boxes, boxes, p=1)
+        giou = generalized_box_iou(
+            box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(boxes, "cxcywh", "xyxy")
+        )
+        return self.cost_class * (pos - neg) + self.cost_bbox * cost_bbox - self.cost_giou * giou
+
+    @torch.no_grad()
+    def forward(
+        self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """
+        Args:
+            outputs: ``pred_logits`` ``(B, NQ, K)`` and ``pred_boxes`` ``(B, NQ, 4)``.
+            targets: per image, ``labels`` ``(N_i,)`` int64 and ``boxes`` ``(N_i, 4)``.
+
+        Returns:
+            Per image, ``(query_idx, target_idx)``: int64 tensors of length min(NQ, N_i);
+            ``target_idx[j]`` is matched to ``query_idx[j]``.
+        """
+        b, nq = outputs["pred_logits"].shape[:2]
+        labels = torch.cat([t["labels"] for t in targets])
+        boxes = torch.cat([t["boxes"] for t in targets])
+        # One cost matrix for the whole batch, (B * NQ, N), split per image below.
+        cost = self.cost_matrix(
+            outputs["pred_logits"].flatten(0, 1).float(),
+            outputs["pred_boxes"].flatten(0, 1).float(),
+            labels,
+            boxes.float(),
+        )
+        cost = cost.view(b, nq, -1).cpu()
+        sizes = [len(t["boxes"]) for t in targets]
+        indices = []
+        for i, c in enumerate(cost.split(sizes, -1)):
+            rows, cols = linear_sum_assignment(c[i].numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.int64),
+                            torch.as_tensor(cols, dtype=torch.int64)))
+        return indices

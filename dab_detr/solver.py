@@ -1,0 +1,65 @@
+"""DAB-DETR's optimizer: AdamW with a lower backbone learning rate and gradient-norm clipping
+over the whole model (DETR's recipe)."""
+
+import itertools
+from typing import Dict, List, Type
+
+import torch
+from detectron2.config import CfgNode
+
+__all__ = ["build_optimizer", "optimizer_param_groups"]
+
+
+def optimizer_param_groups(
+    model: torch.nn.Module, base_lr: float, backbone_multiplier: float
+) -> List[Dict]:
+    """Two groups: the backbone's trainable parameters at ``base_lr * backbone_multiplier``
+    and every other trainable parameter at ``base_lr``; each parameter in exactly one."""
+    backbone, others = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (backbone if name.startswith("backbone.") else others).append(param)
+    return [
+        {"params": others, "lr": base_lr},
+        {"params": backbone, "lr": base_lr * backbone_multiplier},
+    ]
+
+
+def _with_full_model_clipping(
+    optimizer_type: Type[torch.optim.Optimizer], max_norm: float
+) -> Type[torch.optim.Optimizer]:
+    """Subclass of ``optimizer_type`` that clips the norm of all gradients together before
+    each step (Detectron2's own clipping is per parameter)."""
+
+    class FullModelGradientClipping(optimizer_type):
+        def step(self, closure=None):
+            params = itertools.chain(*[g["params"] for g in self.param_groups])
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return super().step(closure=closure)
+
+    FullModelGradientClipping.__name__ = f"{optimizer_type.__name__}WithFullModelClipping"
+    return FullModelGradientClipping
+
+
+def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Optimizer from ``SOLVER.{OPTIMIZER, BASE_LR, BACKBONE_MULTIPLIER, WEIGHT_DECAY,
+    MOMENTUM, CLIP_GRADIENTS}``. ``CLIP_TYPE: full_model`` clips the global gradient norm to
+    ``CLIP_VALUE``."""
+    s = cfg.SOLVER
+    groups = optimizer_param_groups(model, s.BASE_LR, s.BACKBONE_MULTIPLIER)
+    name = s.OPTIMIZER.upper()
+    if name == "ADAMW":
+        optimizer_type, kwargs = torch.optim.AdamW, {}
+    elif name == "SGD":
+        optimizer_type, kwargs = torch.optim.SGD, {"momentum": s.MOMENTUM}
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER={s.OPTIMIZER!r}; expected 'ADAMW' or 'SGD'")
+    clip = s.CLIP_GRADIENTS
+    if clip.ENABLED:
+        if clip.CLIP_TYPE != "full_model":
+            raise ValueError(
+                f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={clip.CLIP_TYPE!r}; DAB-DETR supports "
+                "'full_model' (clip the norm of all gradients together)"
+            )
+        optimizer_type = _with_full_model_clipping(optimizer_type, clip.CLIP_VALUE)
+    return optimizer_type(groups, lr=s.BASE_LR, weight_decay=s.WEIGHT_DECAY, **kwargs)
