@@ -11,7 +11,6 @@ import dab_detr  # noqa: F401  (first: prepares Detectron2's import, registers D
 # isort: split
 import os
 
-import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator

@@ -27,6 +27,9 @@ def build_dab_detr_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ResN
         raise ValueError(f"MODEL.RESNETS.DEPTH={depth}; expected one of {list(_BLOCKS_PER_STAGE)}")
     if res5_dilation not in (1, 2):
         raise ValueError(f"MODEL.RESNETS.RES5_DILATION={res5_dilation}; expected 1 or 2")
+    if depth in (18, 34) and res5_dilation != 1:
+        # BasicBlock has no dilation: res5 would lose its stride without dilating
+        raise ValueError(f"MODEL.RESNETS.RES5_DILATION={res5_dilation} needs DEPTH >= 50")
     if any(r.DEFORM_ON_PER_STAGE):
         raise ValueError("MODEL.RESNETS.DEFORM_ON_PER_STAGE is not supported by this backbone")
     stem = BasicStem(input_shape.channels, r.STEM_OUT_CHANNELS, norm=r.NORM)

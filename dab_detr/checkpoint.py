@@ -1,15 +1,18 @@
 """Loading weight files without running code from them.
 
-``.pth``/``.bin`` files go through ``torch.load(weights_only=True)``, ``.safetensors``
+``.pth``/``.bin`` files go through ``torch.load(weights_only=True)`` (which may also rebuild
+the ``argparse.Namespace`` that training scripts save beside the weights), ``.safetensors``
 through safetensors, and Detectron2's ``.pkl`` model-zoo files through an unpickler that
 only rebuilds numpy arrays and plain containers. A file that needs anything else is refused
 with an error naming it.
 """
 
+import argparse
+import contextlib
 import io
 import os
 import pickle
-from typing import Any, Dict
+from typing import Any, ContextManager, Dict
 
 import numpy as np
 import torch
@@ -68,11 +71,25 @@ def _resolve(path: str) -> str:
     raise FileNotFoundError(f"{path} has neither model.safetensors nor pytorch_model.bin")
 
 
-def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
+def _torch_safe_globals() -> ContextManager:
+    """Classes ``torch.load(weights_only=True)`` may rebuild besides tensors and containers.
+
+    The official training script (DETR's, and so DAB-DETR's ``main.py``) saves its
+    ``argparse.Namespace`` beside the weights (``{"model", "optimizer", "lr_scheduler",
+    "epoch", "args"}``): a plain attribute holder, harmless to rebuild. torch < 2.5 has no
+    per-call allow-list, and refuses such files.
+    """
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    return safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext()
+
+
+def load_state_dict_file(path: str) -> Dict[str, Any]:
     """Read a weight file (or transformers model directory) into a dict of tensors.
 
-    Returns the file's top-level dict as loaded (``{"model": ...}`` wrappers are kept), with
-    numpy arrays from ``.pkl`` files turned into tensors.
+    Returns the top-level dict of a ``.pth``/``.bin`` file as loaded (``{"model": ...}``
+    wrappers and other entries are kept), the tensors of a ``.safetensors`` file, and the
+    ``"model"`` dict of a ``.pkl`` file (the whole dict if it has none) with its numpy arrays
+    turned into tensors.
     """
     path = _resolve(path)
     if path.endswith(".safetensors"):
@@ -86,7 +103,8 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
             raise ValueError(f"{path}: expected a dict of arrays, got {type(model).__name__}")
         return {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in model.items()}
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with _torch_safe_globals():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it needs objects other than tensors and plain containers "

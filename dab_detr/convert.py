@@ -9,19 +9,21 @@ Usage::
     # (and anchors are laid out for RANDOM_REFPOINTS_XY models)
 
 Sources:
-  official      ``{"model": state_dict}`` files released with the paper (IDEA-Research/DAB-DETR).
+  official      ``{"model": state_dict, ...}`` checkpoints of IDEA-Research/DAB-DETR (released
+                with the paper, or written by its ``main.py``).
   transformers  ``DabDetrForObjectDetection`` weights: a directory, ``.safetensors`` or ``.bin``.
   torchvision   an ImageNet ResNet state dict, for ``MODEL.WEIGHTS`` when training on COCO.
 
 The output is ``{"model": state_dict, "__author__": ...}`` for ``DetectionCheckpointer``.
-Nothing is unpickled beyond tensors and plain containers.
+Nothing is unpickled beyond tensors, plain containers and the official training script's
+``argparse.Namespace`` (see ``checkpoint.py``).
 """
 
 import argparse
 import logging
 import os
 import re
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -32,9 +34,11 @@ __all__ = ["convert", "convert_official", "convert_transformers", "convert_torch
 logger = logging.getLogger(__name__)
 
 StateDict = Dict[str, torch.Tensor]
+# (pattern, replacement) for re.sub: a template string or a function of the match
+Rule = Tuple[str, Union[str, Callable[["re.Match[str]"], str]]]
 
 # torchvision ResNet names -> Detectron2 ResNet names
-_RESNET_RULES: List[Tuple[str, str]] = [
+_RESNET_RULES: List[Rule] = [
     (r"^conv1\.", "stem.conv1."),
     (r"^bn1\.", "stem.conv1.norm."),
     (r"^layer(\d)\.(\d+)\.downsample\.0\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut."),
@@ -44,7 +48,7 @@ _RESNET_RULES: List[Tuple[str, str]] = [
 ]
 
 # transformers DabDetrForObjectDetection names -> this project's (the official layout)
-_TRANSFORMERS_RULES: List[Tuple[str, str]] = [
+_TRANSFORMERS_RULES: List[Rule] = [
     (r"^model\.query_refpoint_embeddings\.", "refpoint_embed."),
     (r"^model\.input_projection\.", "input_proj."),
     (r"^model\.patterns\.", "transformer.patterns."),
@@ -75,7 +79,7 @@ _TRANSFORMERS_RULES: List[Tuple[str, str]] = [
 ]
 
 
-def _rename(name: str, rules: List[Tuple[str, object]]) -> str:
+def _rename(name: str, rules: List[Rule]) -> str:
     for pattern, repl in rules:
         name = re.sub(pattern, repl, name)
     return name
@@ -120,18 +124,17 @@ def _map_class_head(sd: StateDict, num_classes: int) -> None:
     )
 
 
-def _require_detr(sd: StateDict, key: str, source: str) -> None:
+def _require(sd: StateDict, key: str, what: str) -> None:
+    """Raise ValueError unless ``sd`` has ``key``, which every ``what`` has."""
     if key not in sd:
         found = ", ".join(list(sd)[:5])
-        raise ValueError(
-            f"not a DAB-DETR checkpoint from '{source}': it has no {key!r} (first keys: {found})"
-        )
+        raise ValueError(f"not {what}: it has no {key!r} (first keys: {found})")
 
 
 def convert_official(sd: StateDict, num_classes: int = 80) -> StateDict:
     """Checkpoint released with the paper -> this project's names."""
     sd = sd.get("model", sd)
-    _require_detr(sd, "refpoint_embed.weight", "official")
+    _require(sd, "refpoint_embed.weight", "a DAB-DETR checkpoint of the official repository")
     out = _convert_resnet(sd, "backbone.0.body.")
     out.update({k: v for k, v in sd.items() if not k.startswith("backbone.")})
     _map_class_head(out, num_classes)
@@ -140,7 +143,8 @@ def convert_official(sd: StateDict, num_classes: int = 80) -> StateDict:
 
 def convert_transformers(sd: StateDict, num_classes: int = 80) -> StateDict:
     """``DabDetrForObjectDetection`` state dict -> this project's names."""
-    _require_detr(sd, "model.query_refpoint_embeddings.weight", "transformers")
+    _require(sd, "model.query_refpoint_embeddings.weight",
+             "a transformers DabDetrForObjectDetection state dict")
     out = _convert_resnet(sd, "model.backbone.conv_encoder.model._backbone.")
     qkv: Dict[str, Dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
@@ -164,7 +168,7 @@ def convert_transformers(sd: StateDict, num_classes: int = 80) -> StateDict:
 def convert_torchvision(sd: StateDict) -> StateDict:
     """ImageNet ResNet (torchvision names) -> Detectron2 backbone weights."""
     sd = sd.get("state_dict", sd)
-    _require_detr(sd, "layer1.0.conv1.weight", "torchvision")
+    _require(sd, "layer1.0.conv1.weight", "a torchvision ResNet state dict")
     return _convert_resnet(sd, "")
 
 
@@ -194,13 +198,15 @@ def convert(source: str, path: str, cfg=None) -> StateDict:
         if cfg is not None and cfg.MODEL.DAB_DETR.RANDOM_REFPOINTS_XY:
             _split_fixed_anchor_centres(out)
     if cfg is not None:
-        check_against_config(out, cfg, partial=source == "torchvision")
+        check_against_config(out, cfg, backbone_only=source == "torchvision")
     return out
 
 
-def check_against_config(sd: StateDict, cfg, partial: bool = False) -> None:
+def check_against_config(sd: StateDict, cfg, backbone_only: bool = False) -> None:
     """Raise ValueError naming every missing, unexpected or mis-shaped tensor of ``sd`` for
-    the model built from ``cfg`` (``partial``: only the keys present must match)."""
+    the model built from ``cfg`` (``backbone_only``: ``sd`` holds ImageNet weights, so only
+    the ``backbone.*`` tensors must all be there). BatchNorm's ``num_batches_tracked`` is
+    never required: no source has it for frozen norms, and loading fills it in."""
     from detectron2.modeling import build_model
 
     cfg = cfg.clone()
@@ -213,8 +219,9 @@ def check_against_config(sd: StateDict, cfg, partial: bool = False) -> None:
         for k, v in expected.items()
         if k in sd and sd[k].shape != v.shape
     ]
-    if not partial:
-        problems += [f"missing: {k} {tuple(v.shape)}" for k, v in expected.items() if k not in sd]
+    required = [k for k in expected if not k.endswith("num_batches_tracked")
+                and (not backbone_only or k.startswith("backbone."))]
+    problems += [f"missing: {k} {tuple(expected[k].shape)}" for k in required if k not in sd]
     if problems:
         raise ValueError(
             "the converted weights do not match the config:\n  " + "\n  ".join(problems)

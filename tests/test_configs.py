@@ -1,0 +1,116 @@
+"""Every config under ``configs/`` builds, trains one step on a batch where one image has no
+instances, and infers; and the optimizer's parameter groups."""
+
+import glob
+import os
+from typing import Dict, List
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+
+from conftest import CONFIG_DIR, load_cfg
+from dab_detr.solver import build_optimizer
+
+CONFIGS = sorted(
+    os.path.relpath(p, CONFIG_DIR)
+    for p in glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True)
+)
+
+
+def test_configs_found():
+    assert "Base-DAB-DETR.yaml" in CONFIGS
+    assert "quick_schedules/dab_detr_R_18_shapes.yaml" in CONFIGS
+    assert len(CONFIGS) >= 9
+
+
+def _batch(num_classes: int) -> List[Dict]:
+    """A 64 x 80 image with two boxes and a 72 x 64 image without instances."""
+    g = torch.Generator().manual_seed(0)
+    first = Instances((64, 80))
+    first.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 20.0, 78.0, 60.0]]))
+    first.gt_classes = torch.tensor([0, num_classes - 1])
+    empty = Instances((72, 64))
+    empty.gt_boxes = Boxes(torch.zeros(0, 4))
+    empty.gt_classes = torch.zeros(0, dtype=torch.int64)
+    return [
+        {"image": torch.rand(3, 64, 80, generator=g) * 255, "instances": first},
+        {"image": torch.rand(3, 72, 64, generator=g) * 255, "instances": empty,
+         "height": 144, "width": 128},  # results rescaled to an original size twice as large
+    ]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_trains_and_infers(name):
+    cfg = load_cfg(name)
+    d = cfg.MODEL.DAB_DETR
+    model = build_model(cfg)
+    batch = _batch(d.NUM_CLASSES)
+
+    model.train()
+    losses = model(batch)
+    expected_keys = {"loss_ce", "loss_bbox", "loss_giou"}
+    expected_keys |= {f"{k}_{i}" for k in list(expected_keys) for i in range(d.DEC_LAYERS - 1)}
+    assert set(losses) == expected_keys
+    for k, v in losses.items():
+        assert v.shape == () and torch.isfinite(v), k
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+    model.eval()
+    with torch.no_grad():
+        results = model(batch)
+    assert len(results) == 2
+    for inp, res in zip(batch, results):
+        inst = res["instances"]
+        h, w = inp.get("height", inp["image"].shape[1]), inp.get("width", inp["image"].shape[2])
+        assert inst.image_size == (h, w)
+        assert 0 < len(inst) <= d.NUM_SELECT
+        boxes = inst.pred_boxes.tensor
+        assert torch.isfinite(boxes).all()
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w).all()
+        assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= h).all()
+        assert (boxes[:, 2:] >= boxes[:, :2]).all()
+        assert ((inst.scores >= 0) & (inst.scores <= 1)).all()
+        # top-k: sorted by score
+        torch.testing.assert_close(inst.scores, inst.scores.sort(descending=True).values)
+        assert inst.pred_classes.dtype == torch.int64
+        assert ((inst.pred_classes >= 0) & (inst.pred_classes < d.NUM_CLASSES)).all()
+
+
+@pytest.mark.parametrize("name", ["COCO-Detection/dab_detr_R_50_50ep.yaml",
+                                  "quick_schedules/dab_detr_R_18_shapes.yaml"])
+def test_optimizer_param_groups(name):
+    cfg = load_cfg(name)
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    groups = optimizer.param_groups
+    assert len(groups) == 2
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    backbone = {id(p) for n, p in trainable.items() if n.startswith("backbone.")}
+    others = {id(p) for n, p in trainable.items() if not n.startswith("backbone.")}
+    assert backbone and others
+    ids = [[id(p) for p in g["params"]] for g in groups]
+    # no parameter twice, in one group or across both
+    assert len(ids[0]) + len(ids[1]) == len(set(ids[0]) | set(ids[1])) == len(trainable)
+    assert {frozenset(i) for i in ids} == {frozenset(backbone), frozenset(others)}
+    base = cfg.SOLVER.BASE_LR
+    for g, i in zip(groups, ids):
+        expected_lr = base * cfg.SOLVER.BACKBONE_MULTIPLIER if set(i) == backbone else base
+        assert g["lr"] == expected_lr
+        assert g["weight_decay"] == cfg.SOLVER.WEIGHT_DECAY
+    # frozen parameters (stem and res2 with FREEZE_AT 2) are in no group
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    assert not frozen & (set(ids[0]) | set(ids[1]))
+    if cfg.MODEL.BACKBONE.FREEZE_AT >= 1:
+        assert frozen
+
+
+def test_dilated_basic_block_backbone_raises():
+    """ResNet-18/34 blocks cannot be dilated: DC5 is refused rather than built as a
+    stride-16 network without dilation."""
+    cfg = load_cfg("quick_schedules/dab_detr_R_18_shapes.yaml", "MODEL.RESNETS.RES5_DILATION", "2")
+    with pytest.raises(ValueError, match="RES5_DILATION"):
+        build_model(cfg)
