@@ -21,6 +21,7 @@ setup(
         "numpy",
         "Pillow",
         "matplotlib",
+        "opencv-python-headless",  # Detectron2's Visualizer imports cv2
         "safetensors",
         "tensorboard",
     ],

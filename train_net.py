@@ -4,40 +4,77 @@
     python train_net.py --config-file configs/COCO-Detection/dab_detr_R_50_50ep.yaml --num-gpus 8
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS model.pth
     python train_net.py --config-file ... --resume
+
+Any COCO-format dataset trains and evaluates without code: name its json and image folder in
+``DATASETS.REGISTER_COCO`` (see ``dab_detr/data/coco.py``).
 """
 
 import dab_detr  # noqa: F401  (first: prepares Detectron2's import, registers DABDETR)
 
 # isort: split
+import logging
 import os
+import weakref
 
-from detectron2.checkpoint import DetectionCheckpointer
+import numpy as np
+import torch
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
+from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.visualizer import Visualizer
+from PIL import Image
 
 from dab_detr import _compat
+from dab_detr.checkpointer import DabDetrCheckpointer
 from dab_detr.config import get_dab_detr_cfg
-from dab_detr.data import BUILTIN_DATASETS, ensure_builtin_dataset, register_builtin_datasets
+from dab_detr.data import (
+    BUILTIN_DATASETS,
+    check_num_classes,
+    ensure_builtin_dataset,
+    register_builtin_datasets,
+    register_coco_datasets,
+)
 from dab_detr.dataset_mapper import DabDetrDatasetMapper
 from dab_detr.solver import build_optimizer
 
+logger = logging.getLogger("dab_detr")
+_D2_CHECKPOINTS_OPTIMIZER = "state_dict" in vars(DefaultTrainer)
+
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with DETR's data augmentation, optimizer and COCO evaluation."""
+    """DefaultTrainer with DETR's data augmentation, optimizer, COCO evaluation and a
+    checkpointer that loads safely and saves atomically."""
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ builds its checkpointer just before its hooks; swap it here so
+        # that loading, resuming and the periodic checkpoints all go through ours.
+        self.checkpointer = DabDetrCheckpointer(
+            self._trainer.model,
+            self.cfg.OUTPUT_DIR,
+            trainer=weakref.proxy(self),
+        )
+        return super().build_hooks()
 
     @classmethod
     def build_train_loader(cls, cfg):
-        from detectron2.data import build_detection_train_loader
-
-        return build_detection_train_loader(cfg, mapper=DabDetrDatasetMapper(cfg, True))
+        loader = build_detection_train_loader(cfg, mapper=DabDetrDatasetMapper(cfg, True))
+        # a COCO json knows its classes once loaded, which building the loader did
+        check_num_classes(cfg.MODEL.DAB_DETR.NUM_CLASSES, cfg.DATASETS.TRAIN)
+        return loader
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        from detectron2.data import build_detection_test_loader
-
-        return build_detection_test_loader(
+        loader = build_detection_test_loader(
             cfg, dataset_name, mapper=DabDetrDatasetMapper(cfg, False)
         )
+        check_num_classes(cfg.MODEL.DAB_DETR.NUM_CLASSES, [dataset_name])
+        return loader
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -52,12 +89,92 @@ class Trainer(DefaultTrainer):
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
 
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        results = super().test(cfg, model, evaluators)
+        if cfg.TEST.VIS_NUM_IMAGES > 0 and comm.is_main_process():
+            for name in cfg.DATASETS.TEST:
+                path = os.path.join(cfg.OUTPUT_DIR, "inference", f"{name}_detections.png")
+                draw_detections(cfg, model, name, path)
+        return results
+
+    # Detectron2 v0.6 checkpoints only the iteration and the hooks' states, so --resume restarted
+    # AdamW's moments from zero; later versions also keep the optimizer (and the AMP grad
+    # scaler) under "_trainer". Keep them with either.
+    def state_dict(self):
+        ret = super().state_dict()
+        if "_trainer" not in ret:
+            ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if not _D2_CHECKPOINTS_OPTIMIZER and "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
+    def train(self):
+        try:
+            return super().train()
+        except FloatingPointError as e:
+            last = self.checkpointer.get_checkpoint_file() or "none saved yet"
+            raise FloatingPointError(
+                f"{e}\nTraining stopped; the last checkpoint is {last} (continue from it with "
+                "--resume after fixing the cause, e.g. a lower SOLVER.BASE_LR)."
+            ) from e
+
+
+def draw_detections(cfg, model, dataset_name: str, path: str) -> str:
+    """Draw the detections of the first ``cfg.TEST.VIS_NUM_IMAGES`` images of a test set,
+    scored above ``cfg.TEST.VIS_SCORE_THRESHOLD``, with Detectron2's ``Visualizer`` into one
+    PNG grid at ``path``.
+
+    Returns:
+        ``path``.
+    """
+    metadata = MetadataCatalog.get(dataset_name)
+    loader = Trainer.build_test_loader(cfg, dataset_name)
+    panels = []
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        for inputs in loader:
+            for inp, out in zip(inputs, model(inputs)):
+                instances = out["instances"].to("cpu")
+                instances = instances[instances.scores > cfg.TEST.VIS_SCORE_THRESHOLD]
+                image = read_image(inp["file_name"], format="RGB")
+                vis = Visualizer(image, metadata).draw_instance_predictions(instances)
+                panels.append(vis.get_image())
+            if len(panels) >= cfg.TEST.VIS_NUM_IMAGES:
+                break
+    model.train(training)
+    panels = panels[: cfg.TEST.VIS_NUM_IMAGES]
+    cols = min(4, len(panels))
+    h = max(p.shape[0] for p in panels)
+    w = max(p.shape[1] for p in panels)
+    rows = -(-len(panels) // cols)
+    grid = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
+    for i, p in enumerate(panels):
+        r, c = divmod(i, cols)
+        grid[r * h : r * h + p.shape[0], c * w : c * w + p.shape[1]] = p
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(grid).save(path)
+    logger.info(f"Detections of {len(panels)} images of {dataset_name} drawn to {path}")
+    return path
+
 
 def setup(args):
     cfg = get_dab_detr_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     register_builtin_datasets()
+    register_coco_datasets(cfg.DATASETS.REGISTER_COCO)
+    # fail before building anything when the classes are already known (built-in datasets)
+    check_num_classes(cfg.MODEL.DAB_DETR.NUM_CLASSES, cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+        raise ValueError(
+            f"SOLVER.AMP.ENABLED needs a CUDA device (Detectron2's AMPTrainer), but "
+            f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}"
+        )
     return cfg
 
 
@@ -65,7 +182,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        DabDetrCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)

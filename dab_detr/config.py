@@ -72,6 +72,17 @@ def add_dab_detr_config(cfg: CN) -> None:
     # "ADAMW" (the paper's optimizer) or "SGD".
     _C.SOLVER.OPTIMIZER = "ADAMW"
 
+    # COCO-format datasets to register before training or evaluation, each a triple
+    # (name, annotation json, image folder); use the names in DATASETS.TRAIN / TEST. E.g.
+    # DATASETS.REGISTER_COCO "(('mine_train', 'ann/train.json', 'images/train'),)"
+    _C.DATASETS.REGISTER_COCO = ()
+
+    # After evaluation, draw the detections of this many images of each test set into
+    # OUTPUT_DIR/inference/<dataset>_detections.png (0: none), keeping scores above the
+    # threshold.
+    _C.TEST.VIS_NUM_IMAGES = 0
+    _C.TEST.VIS_SCORE_THRESHOLD = 0.5
+
 
 def get_dab_detr_cfg(config_file: str = "", opts: Optional[List[str]] = None) -> CN:
     """Detectron2's default config with DAB-DETR's keys, merged with ``config_file`` and

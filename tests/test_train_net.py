@@ -1,0 +1,271 @@
+"""train_net.py end to end on small data: training, resuming, evaluation, datasets, checkpoints.
+
+Every test runs the real ``Trainer`` (or ``main``) of train_net.py on CPU with a small model
+and small generated datasets.
+"""
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import train_net
+from conftest import config_path
+from dab_detr.checkpointer import DabDetrCheckpointer
+from dab_detr.data import generate_shapes_dataset, register_builtin_datasets
+
+# isort: split
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import default_argument_parser
+from detectron2.modeling import build_model
+
+CONFIG = config_path("quick_schedules/dab_detr_R_18_shapes.yaml")
+# A few seconds per iteration at most: a narrow transformer on small images.
+SMALL = [
+    "MODEL.DAB_DETR.HIDDEN_DIM", "64", "MODEL.DAB_DETR.DIM_FEEDFORWARD", "128",
+    "MODEL.DAB_DETR.NHEADS", "4", "MODEL.DAB_DETR.ENC_LAYERS", "1",
+    "MODEL.DAB_DETR.DEC_LAYERS", "2", "MODEL.DAB_DETR.NUM_QUERIES", "10",
+    "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128", "INPUT.CROP.ENABLED", "False",
+    "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "0", "SOLVER.STEPS", "()",
+    "SOLVER.CHECKPOINT_PERIOD", "1000", "TEST.EVAL_PERIOD", "0", "TEST.VIS_NUM_IMAGES", "0",
+    "DATALOADER.NUM_WORKERS", "0", "SEED", "7",
+]
+
+
+@pytest.fixture(autouse=True)
+def small_builtin_datasets(tmp_path_factory, monkeypatch):
+    """train_net's setup registers the built-in splits; make them small ones in a temp dir."""
+    root = tmp_path_factory.getbasetemp() / "datasets"
+    counts = {"dab_shapes_train": 24, "dab_shapes_val": 6}
+    monkeypatch.setattr(
+        train_net, "register_builtin_datasets", lambda: register_builtin_datasets(root, counts)
+    )
+    yield
+    register_builtin_datasets()  # leave the default registration to the other tests
+
+
+def _args(output_dir, *opts, eval_only=False, resume=False):
+    argv = ["--config-file", CONFIG]
+    argv += ["--eval-only"] if eval_only else []
+    argv += ["--resume"] if resume else []
+    return default_argument_parser().parse_args(argv + [*SMALL, "OUTPUT_DIR", str(output_dir),
+                                                        *opts])
+
+
+def _train(output_dir, *opts, resume=False):
+    cfg = train_net.setup(_args(output_dir, *opts, resume=resume))
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=resume)
+    trainer.train()
+    return trainer
+
+
+def _losses(trainer):
+    return {it: v for v, it in trainer.storage.history("total_loss").values()}
+
+
+def test_loss_falls_in_20_iterations(tmp_path):
+    trainer = _train(tmp_path, "SOLVER.MAX_ITER", "20", "SOLVER.BASE_LR", "1e-3")
+    losses = _losses(trainer)
+    assert sorted(losses) == list(range(20))
+    first = sum(losses[i] for i in range(5)) / 5
+    last = sum(losses[i] for i in range(15, 20)) / 5
+    assert last < 0.85 * first, (first, last)
+    with open(tmp_path / "metrics.json") as f:
+        records = [json.loads(line) for line in f]
+    assert any("total_loss" in r for r in records)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+
+
+def test_resume_continues_at_saved_iteration(tmp_path):
+    _train(tmp_path, "SOLVER.MAX_ITER", "3")
+    saved = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    assert saved["iteration"] == 2
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    resumed = train_net.Trainer(train_net.setup(_args(tmp_path, "SOLVER.MAX_ITER", "5",
+                                                      resume=True)))
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 3
+    for k, v in saved["model"].items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=0)
+    # the optimizer's moments come back too, not just the weights
+    state = resumed._trainer.optimizer.state_dict()["state"]
+    assert state and all(float(s["step"]) == 3 for s in state.values())
+    resumed.train()
+    assert sorted(_losses(resumed)) == [3, 4]
+
+
+def test_eval_only_reproduces_training_evaluation(tmp_path):
+    trainer = _train(tmp_path, "SOLVER.MAX_ITER", "4", "TEST.VIS_NUM_IMAGES", "3")
+    results = trainer._last_eval_results
+    predictions = (tmp_path / "inference" / "coco_instances_results.json").read_text()
+    assert json.loads(predictions), "no detections to compare"
+    picture = Image.open(tmp_path / "inference" / "dab_shapes_val_detections.png")
+    assert picture.size[0] >= 3 * 96 and picture.size[1] >= 96
+
+    out = tmp_path / "eval"
+    evaluated = train_net.main(_args(out, "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
+                                     eval_only=True))
+    assert evaluated["bbox"] == pytest.approx(results["bbox"], rel=0, abs=0, nan_ok=True)
+    assert (out / "inference" / "coco_instances_results.json").read_text() == predictions
+
+
+@pytest.fixture
+def coco_json_dataset(tmp_path):
+    """A COCO-format dataset on disk, as a user brings one (5 categories)."""
+    train = generate_shapes_dataset(str(tmp_path / "mine"), "train", 8, seed=3)
+    val = generate_shapes_dataset(str(tmp_path / "mine"), "val", 4, seed=4)
+    yield (("mine_train", train, str(tmp_path / "mine" / "train")),
+           ("mine_val", val, str(tmp_path / "mine" / "val")))
+    for name in ("mine_train", "mine_val"):  # the catalogs are global: forget this test's files
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
+
+def test_register_coco_json_from_command_line(tmp_path, coco_json_dataset):
+    opts = ["DATASETS.REGISTER_COCO", repr(coco_json_dataset), "DATASETS.TRAIN", "('mine_train',)",
+            "DATASETS.TEST", "('mine_val',)", "SOLVER.MAX_ITER", "2"]
+    cfg = train_net.setup(_args(tmp_path, *opts))
+    assert {"mine_train", "mine_val"} <= set(DatasetCatalog.list())
+    trainer = train_net.Trainer(cfg)
+    trainer.train()
+    assert "bbox" in trainer._last_eval_results
+    results = json.loads((tmp_path / "inference" / "coco_instances_results.json").read_text())
+    val_ids = {img["id"] for img in json.loads(open(coco_json_dataset[1][1]).read())["images"]}
+    assert {r["image_id"] for r in results} <= val_ids
+
+
+def test_register_coco_bad_entries(tmp_path, coco_json_dataset):
+    missing = (("x", str(tmp_path / "nope.json"), str(tmp_path)),)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        train_net.setup(_args(tmp_path, "DATASETS.REGISTER_COCO", repr(missing)))
+    with pytest.raises(ValueError, match=r"REGISTER_COCO\[0\] must be a triple"):
+        train_net.setup(_args(tmp_path, "DATASETS.REGISTER_COCO", "(('x', 'a.json'),)"))
+    taken = ((coco_json_dataset[0][0], coco_json_dataset[1][1], coco_json_dataset[1][2]),)
+    train_net.setup(_args(tmp_path, "DATASETS.REGISTER_COCO", repr(coco_json_dataset[:1])))
+    with pytest.raises(ValueError, match="already registered"):
+        train_net.setup(_args(tmp_path, "DATASETS.REGISTER_COCO", repr(taken)))
+
+
+def test_class_count_mismatch_is_a_clear_error(tmp_path, coco_json_dataset):
+    # built-in dataset: its classes are known at once, so setup refuses
+    with pytest.raises(ValueError, match=r"NUM_CLASSES is 7 but dataset 'dab_shapes_train' has 5"):
+        train_net.setup(_args(tmp_path, "MODEL.DAB_DETR.NUM_CLASSES", "7"))
+    # a COCO json: its classes are known once loaded, before the first iteration
+    opts = ["DATASETS.REGISTER_COCO", repr(coco_json_dataset), "DATASETS.TRAIN", "('mine_train',)",
+            "DATASETS.TEST", "('mine_val',)", "MODEL.DAB_DETR.NUM_CLASSES", "3"]
+    cfg = train_net.setup(_args(tmp_path, *opts))
+    with pytest.raises(ValueError, match=r"'mine_train' has 5 classes .*NUM_CLASSES 5"):
+        train_net.Trainer(cfg)
+
+
+def _small_model(*opts):
+    cfg = train_net.get_dab_detr_cfg(CONFIG, ["MODEL.WEIGHTS", "", *SMALL, *opts])
+    return build_model(cfg)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_fine_tuning_drops_only_the_class_head(tmp_path):
+    source = _small_model()
+    path = str(tmp_path / "coco.pth")
+    torch.save({"model": source.state_dict()}, path)
+    target = _small_model("MODEL.DAB_DETR.NUM_CLASSES", "3")
+    init_head = target.class_embed.weight.detach().clone()
+    checkpointer = DabDetrCheckpointer(target)
+    records = _Records()
+    checkpointer.logger.addHandler(records)  # Detectron2's loggers do not propagate
+    try:
+        checkpointer.load(path)
+    finally:
+        checkpointer.logger.removeHandler(records)
+    assert any("class head for 5 classes, the model 3" in m for m in records.messages)
+    torch.testing.assert_close(target.class_embed.weight, init_head, rtol=0, atol=0)
+    loaded = target.state_dict()
+    for k, v in source.state_dict().items():
+        if not k.startswith("class_embed."):
+            torch.testing.assert_close(loaded[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_other_shape_mismatch_is_refused(tmp_path):
+    path = str(tmp_path / "other.pth")
+    torch.save({"model": _small_model().state_dict()}, path)
+    target = _small_model("MODEL.DAB_DETR.NUM_QUERIES", "12")
+    with pytest.raises(ValueError, match=r"other.pth does not fit .*refpoint_embed.weight"):
+        DabDetrCheckpointer(target).load(path)
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model = _small_model()
+    checkpointer = DabDetrCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_0000001")
+    before = (tmp_path / "model_0000001.pth").read_bytes()
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the run is killed mid-write
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save("model_0000001")
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save("model_0000002")
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
+    assert (tmp_path / "model_0000001.pth").read_bytes() == before
+    assert checkpointer.get_checkpoint_file() == str(tmp_path / "model_0000001.pth")
+
+
+def test_crafted_pickle_weights_do_not_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    import pickle
+
+    for name in ("evil.pkl", "evil.pth"):
+        path = tmp_path / name
+        with open(path, "wb") as f:
+            pickle.dump({"model": {"w": Payload()}, "__author__": "x"}, f)
+        with pytest.raises(Exception, match=name):
+            DabDetrCheckpointer(_small_model()).load(str(path))
+        assert not marker.exists()
+
+
+def test_non_finite_loss_stops_with_iteration_and_checkpoint(tmp_path, monkeypatch):
+    cfg = train_net.setup(_args(tmp_path, "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2"))
+    trainer = train_net.Trainer(cfg)
+    criterion = trainer.model.criterion
+    forward = criterion.forward
+
+    def nan_from_iteration_3(*a, **k):
+        losses = forward(*a, **k)
+        if trainer.iter >= 3:
+            losses["loss_bbox"] = losses["loss_bbox"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(criterion, "forward", nan_from_iteration_3)
+    with pytest.raises(FloatingPointError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert "iteration=3" in message and "loss_bbox" in message
+    assert str(tmp_path / "model_0000001.pth") in message
+    assert not (tmp_path / "model_final.pth").exists()
+
+
+def test_amp_on_cpu_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="SOLVER.AMP.ENABLED needs a CUDA device"):
+        train_net.setup(_args(tmp_path, "SOLVER.AMP.ENABLED", "True"))
