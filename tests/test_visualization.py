@@ -1,0 +1,185 @@
+"""The mechanism pictures' numbers (dab_detr/visualization.py) and tools/plot_metrics.py: the
+positional attention of an anchor peaks at its centre and narrows with w_ref / w and with a
+lower temperature; a traced model's queries and maps are exactly what its decoder computed."""
+
+import json
+import os
+import subprocess
+import sys
+from typing import Tuple
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from PIL import Image
+
+from conftest import REPO, load_cfg
+from dab_detr.visualization import (
+    image_position_keys,
+    model_positional_maps,
+    modulate_hw,
+    positional_attention_map,
+    positional_query,
+    sine_prior_map,
+    trace_decoder,
+)
+
+SHAPES = "quick_schedules/dab_detr_R_18_shapes.yaml"
+GRID = (24, 32)  # (gh, gw) key positions
+
+
+def _centre_cell(cx: float, cy: float, grid: Tuple[int, int] = GRID) -> Tuple[int, int]:
+    """The (row, col) whose encoded position is (cy, cx): cell k encodes (k + 1) / n."""
+    return round(cy * grid[0]) - 1, round(cx * grid[1]) - 1
+
+
+def _x_spread(attn: torch.Tensor, cx: float, grid: Tuple[int, int] = GRID) -> torch.Tensor:
+    """Second moment about ``cx`` of the x marginal of a ``(gh * gw,)`` map."""
+    p_x = attn.view(grid).sum(0)
+    x = torch.arange(1, grid[1] + 1) / grid[1]
+    return (p_x * (x - cx) ** 2).sum()
+
+
+@pytest.mark.parametrize("temperature", [20.0, 10000.0])
+@pytest.mark.parametrize("cell", [(0, 0), (5, 20), (23, 31), (11, 7)])
+def test_sine_prior_peaks_at_anchor_centre(temperature, cell):
+    row, col = cell
+    cx, cy = (col + 1) / GRID[1], (row + 1) / GRID[0]
+    anchor = torch.tensor([cx, cy, 0.2, 0.3])
+    for modulation in (None, torch.tensor([3.0, 0.5])):
+        attn = sine_prior_map(anchor, GRID, temperature, modulation)
+        assert attn.shape == (GRID[0] * GRID[1],)
+        torch.testing.assert_close(attn.sum(), torch.tensor(1.0))
+        assert divmod(int(attn.argmax()), GRID[1]) == _centre_cell(cx, cy)
+
+
+def test_sine_prior_narrows_along_x_as_w_ref_over_w_grows():
+    anchor = torch.tensor([0.4, 0.6, 0.2, 0.2])
+    maps = [sine_prior_map(anchor, GRID, 20.0, torch.tensor([m, 1.0])) for m in (0.5, 1, 2, 4)]
+    spreads = torch.stack([_x_spread(a, 0.4) for a in maps])
+    assert (spreads[1:] < spreads[:-1]).all(), spreads
+    # x and y terms add in the logits: the softmax factorises and the y marginal stays put
+    for attn in maps[1:]:
+        torch.testing.assert_close(attn.view(GRID).sum(1), maps[0].view(GRID).sum(1))
+
+
+def test_sine_prior_is_sharper_at_a_lower_temperature():
+    anchor = torch.tensor([0.5, 0.5, 0.2, 0.2])
+    sharp = _x_spread(sine_prior_map(anchor, GRID, 20.0), 0.5)
+    flat = _x_spread(sine_prior_map(anchor, GRID, 10000.0), 0.5)
+    assert sharp < 0.8 * flat, (sharp, flat)
+
+
+def test_modulate_hw_scales_y_then_x_halves():
+    sine = torch.arange(1.0, 9.0)  # y: 1..4, x: 5..8
+    out = modulate_hw(sine, torch.tensor([10.0, 2.0]))  # (w_ref / w, h_ref / h)
+    torch.testing.assert_close(out, torch.tensor([2.0, 4, 6, 8, 50, 60, 70, 80]))
+    assert modulate_hw(sine, None) is sine
+
+
+def _traced_model(*opts: str):
+    """A random-weights shapes model whose box head moves the anchors, traced on one
+    96 x 128 image (a 3 x 4 feature map)."""
+    model = build_model(load_cfg(SHAPES, *opts)).eval()
+    with torch.no_grad():
+        last = model.bbox_embed.layers[-1]
+        last.weight.copy_(torch.randn(last.weight.shape) * 0.1)
+    image = torch.rand(3, 96, 128) * 255
+    images = model.preprocess_image([{"image": image}])
+    return model, images, trace_decoder(model, images)
+
+
+def test_trace_rebuilds_the_queries_the_decoder_used():
+    model, images, trace = _traced_model()
+    decoder = model.transformer.decoder
+    num_layers, nq = len(decoder.layers), model.anchors().shape[0]
+    assert trace.anchors.shape == (num_layers, nq, 4)
+    assert trace.feature_size == (3, 4)
+    torch.testing.assert_close(trace.anchors[0], model.anchors().sigmoid())
+    assert not torch.allclose(trace.anchors[1], trace.anchors[0])  # refined by layer 0
+    for layer in range(num_layers):
+        for query in range(nq):
+            pq = positional_query(decoder, trace, layer, query)
+            assert pq.modulation.shape == (2,)
+            torch.testing.assert_close(modulate_hw(pq.sine, pq.modulation), pq.spatial)
+    with torch.no_grad():
+        outputs = model.forward_predictions(images)
+    torch.testing.assert_close(trace.outputs["pred_boxes"], outputs["pred_boxes"])
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_model_maps_are_the_positional_term_of_the_cross_attention(layer):
+    model, images, trace = _traced_model()
+    ca = model.transformer.decoder.layers[layer]
+    seen = {}
+    hook = ca.cross_attn.register_forward_pre_hook(
+        lambda module, args: seen.update(query=args[0][0], key=args[1][0])
+    )
+    with torch.no_grad():
+        model.forward_predictions(images)
+    hook.remove()
+    h, c = ca.nhead, model.transformer.d_model
+    # (N, 2C) -> (N, h, 2C/h): per head, content channels then positional channels
+    q_pos = seen["query"].unflatten(-1, (h, 2 * c // h))[..., c // h:]
+    k_pos = seen["key"].unflatten(-1, (h, 2 * c // h))[..., c // h:]
+    expected = torch.einsum("qhd,khd->qhk", q_pos, k_pos) * (2 * c / h) ** -0.5
+    with torch.no_grad():
+        keys = ca.ca_kpos_proj(image_position_keys(model.position_embedding, trace.feature_size))
+        logits = positional_attention_map(ca.ca_qpos_sine_proj(trace.spatial[layer]), keys, h,
+                                          softmax=False)
+        maps = model_positional_maps(model, layer, trace.spatial[layer, 5], trace.feature_size)
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(maps, expected[5].softmax(-1))
+
+
+def test_model_maps_with_identity_projections_peak_at_the_anchor_centre():
+    # the anchors' own encoding uses temperature 10000: give the image's the same
+    model, _, trace = _traced_model("MODEL.DAB_DETR.PE_TEMPERATURE_H", "10000",
+                                    "MODEL.DAB_DETR.PE_TEMPERATURE_W", "10000")
+    ca = model.transformer.decoder.layers[0]
+    with torch.no_grad():
+        for proj in (ca.ca_kpos_proj, ca.ca_qpos_sine_proj):
+            proj.weight.copy_(torch.eye(proj.weight.shape[0]))
+            proj.bias.zero_()
+    h = ca.nhead
+    for query in range(0, 30, 7):
+        pq = positional_query(model.transformer.decoder, trace, 0, query)
+        cx, cy = pq.anchor[:2].tolist()
+        for sine in (pq.sine, pq.spatial):
+            maps = model_positional_maps(model, 0, sine, GRID).view(h, *GRID)
+            # channels: y then x, so the first heads see only y and the last only x; the
+            # first of each half holds the highest frequencies
+            y_head, x_head = maps[0], maps[h // 2]
+            torch.testing.assert_close(y_head, y_head[:, :1].expand_as(y_head))
+            torch.testing.assert_close(x_head, x_head[:1].expand_as(x_head))
+            row, col = _centre_cell(cx, cy)
+            assert abs(int(y_head[:, 0].argmax()) - row) <= 1
+            assert abs(int(x_head[0].argmax()) - col) <= 1
+
+
+def test_trace_refuses_a_batch():
+    model = build_model(load_cfg(SHAPES)).eval()
+    images = model.preprocess_image([{"image": torch.zeros(3, 32, 32)}] * 2)
+    with pytest.raises(ValueError, match="one image"):
+        trace_decoder(model, images)
+
+
+def test_plot_metrics_writes_a_png(tmp_path):
+    records = []
+    for it in range(0, 100, 10):
+        records.append({"iteration": it, "total_loss": 10.0 - it / 20, "loss_ce": 1.0,
+                        "loss_bbox": 0.5, "loss_giou": 0.8, "lr": 1e-4})
+    for it in (49, 99):
+        records.append({"iteration": it, "bbox/AP": it / 5, "bbox/AP50": it / 3,
+                        "bbox/AP75": it / 6})
+    path = tmp_path / "metrics.json"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n{truncated")
+    out = tmp_path / "curve.png"
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "plot_metrics.py"), str(path),
+         "--output", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[0] > 200 and image.size[1] > 200

@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Train the full shapes model and each ablation with the same budget and seed, then compare
+how their AP grows.
+
+    python tools/convergence_study.py --output-dir output/convergence --max-iter 900 \\
+        --eval-period 100 [--variants full no_hw_modulation ...] [--opts MODEL.DEVICE cuda]
+
+Variants: ``full`` (configs/quick_schedules/dab_detr_R_18_shapes.yaml) and every config in
+configs/quick_schedules/ablations/, named by file. Each runs ``train_net.py`` in a
+subprocess with ``SOLVER.MAX_ITER``, ``SOLVER.STEPS`` scaled from the config's schedule,
+``TEST.EVAL_PERIOD``, ``SEED`` and ``OUTPUT_DIR <output-dir>/<variant>``; its console output
+goes to ``train_stdout.txt`` there. Resume-friendly: a finished variant (its
+``study_run.json`` written) is skipped, an interrupted one continues from its last
+checkpoint with ``--resume``. Finally writes ``convergence.png`` (AP and loss against
+iteration, all variants) and ``convergence.md`` (final AP, AP50, AP75 of each variant).
+"""
+
+import argparse
+import glob
+import json
+import logging
+import os
+import subprocess
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+from plot_metrics import load_metrics, series  # noqa: E402  (tools/, the script's folder)
+
+logger = logging.getLogger("convergence_study")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FULL_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "dab_detr_R_18_shapes.yaml")
+ABLATIONS = os.path.join(REPO, "configs", "quick_schedules", "ablations")
+MARKER = "study_run.json"
+
+
+def variant_configs() -> Dict[str, str]:
+    """``{"full": the shapes config, <ablation file name>: its config}``, full first."""
+    configs = {"full": FULL_CONFIG}
+    for path in sorted(glob.glob(os.path.join(ABLATIONS, "*.yaml"))):
+        configs[os.path.splitext(os.path.basename(path))[0]] = path
+    return configs
+
+
+def scaled_steps(config_file: str, max_iter: int) -> Tuple[int, ...]:
+    """The config's ``SOLVER.STEPS`` scaled by ``max_iter / SOLVER.MAX_ITER``."""
+    import dab_detr  # noqa: F401  (prepares Detectron2's import)
+    from dab_detr.config import get_dab_detr_cfg
+
+    solver = get_dab_detr_cfg(config_file).SOLVER
+    return tuple(max(1, round(s * max_iter / solver.MAX_ITER)) for s in solver.STEPS)
+
+
+def run_variant(name: str, config_file: str, args: argparse.Namespace) -> str:
+    """Train one variant unless it already finished; returns its output folder."""
+    out = os.path.join(args.output_dir, name)
+    steps = scaled_steps(config_file, args.max_iter)
+    settings = {"config": os.path.relpath(config_file, REPO), "max_iter": args.max_iter,
+                "steps": list(steps), "eval_period": args.eval_period, "seed": args.seed,
+                "opts": list(args.opts)}
+    marker = os.path.join(out, MARKER)
+    if os.path.exists(marker):
+        with open(marker, encoding="utf-8") as f:
+            done = json.load(f)
+        if done != settings:
+            raise SystemExit(f"{out} was trained with {done}, not {settings}: use another "
+                             "--output-dir, or delete that folder")
+        logger.info("%s: finished before, skipped", name)
+        return out
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config_file,
+           "--num-gpus", str(args.num_gpus)]
+    resume = os.path.exists(os.path.join(out, "last_checkpoint"))
+    if resume:
+        cmd.append("--resume")
+    cmd += ["SOLVER.MAX_ITER", str(args.max_iter), "SOLVER.STEPS", str(steps),
+            "TEST.EVAL_PERIOD", str(args.eval_period), "SEED", str(args.seed),
+            "OUTPUT_DIR", out, *args.opts]
+    os.makedirs(out, exist_ok=True)
+    log_path = os.path.join(out, "train_stdout.txt")
+    logger.info("%s: %s (output in %s)", name, "resuming" if resume else "training", log_path)
+    with open(log_path, "a", encoding="utf-8") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if code != 0:
+        raise SystemExit(f"{name}: train_net.py exited with {code}; see {log_path}")
+    with open(marker, "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=1)
+    return out
+
+
+def final_ap(records: Sequence[Dict]) -> Dict[str, Optional[float]]:
+    """AP, AP50 and AP75 of the last evaluation, None where the run never evaluated."""
+    evaluated = [r for r in records if "bbox/AP" in r]
+    last = evaluated[-1] if evaluated else {}
+    return {k: last.get(f"bbox/{k}") for k in ("AP", "AP50", "AP75")}
+
+
+def write_report(runs: Dict[str, List[Dict]], output_dir: str, max_iter: int) -> None:
+    """``convergence.png`` and ``convergence.md`` from each variant's metrics records."""
+    fig, (ax_ap, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for name, records in runs.items():
+        iters, values = series(records, "bbox/AP")
+        ax_ap.plot(iters, values, marker="o", ms=3, label=name)
+        iters, values = series(records, "total_loss")
+        ax_loss.plot(iters, values, linewidth=1, label=name,
+                     marker="." if len(iters) < 20 else None)  # a short run: show its points
+    ax_ap.set(xlabel="iteration", ylabel="bbox AP (%)", title="AP on dab_shapes_val")
+    ax_loss.set(xlabel="iteration", ylabel="total loss", title="training loss")
+    ax_loss.set_yscale("log")
+    for ax in (ax_ap, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"DAB-DETR ablations, {max_iter} iterations each, same seed")
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "convergence.png"), dpi=100)
+    plt.close(fig)
+
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    lines = [f"Final bbox AP on dab_shapes_val after {max_iter} iterations.", "",
+             "| variant | AP | AP50 | AP75 |", "|---|---|---|---|"]
+    for name, records in runs.items():
+        ap = final_ap(records)
+        lines.append(f"| {name} | {fmt(ap['AP'])} | {fmt(ap['AP50'])} | {fmt(ap['AP75'])} |")
+    with open(os.path.join(output_dir, "convergence.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    configs = variant_configs()
+    parser = argparse.ArgumentParser(description="DAB-DETR ablations with one budget")
+    parser.add_argument("--output-dir", default="output/convergence")
+    parser.add_argument("--max-iter", type=int, default=900, help="iterations of every run")
+    parser.add_argument("--eval-period", type=int, default=100,
+                        help="evaluate every this many iterations (and at the end)")
+    parser.add_argument("--variants", nargs="+", default=list(configs), choices=list(configs))
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--num-gpus", type=int, default=1)
+    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
+                        help="config overrides for every run, e.g. MODEL.DEVICE cuda")
+    args = parser.parse_args(argv)
+    args.output_dir = os.path.abspath(args.output_dir)  # train_net runs from the repository
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    runs = {}
+    for name in args.variants:
+        out = run_variant(name, configs[name], args)
+        runs[name] = load_metrics(os.path.join(out, "metrics.json"))
+    write_report(runs, args.output_dir, args.max_iter)
+    logger.info("wrote %s", os.path.join(args.output_dir, "convergence.{png,md}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+#!/usr/bin/env python
+"""Pictures of DAB-DETR's mechanism for one image, written as PNGs to ``--output``:
+
+  anchors.png                        the learned anchors (initial boxes of all queries), on a
+                                     blank unit square and over the image
+  box_refinement.png                 one query's box after each decoder layer
+  positional_attention_layer<l>.png  that query's positional attention in layer l, per head,
+                                     with and without the w/h modulation (learned projections)
+  positional_attention_temperature.png  the same mechanism with identity projections, for
+                                     image PE temperatures 20 and 10000
+
+    python tools/visualize_mechanism.py \\
+        --config-file configs/quick_schedules/dab_detr_R_18_shapes.yaml --input img.png \\
+        --output vis/ --opts MODEL.WEIGHTS output/dab_detr_R_18_shapes/model_final.pth
+
+The query is ``--query`` or, by default, the one with the highest score. A positional map is
+the softmax over the image of the positional term of the cross-attention logits alone (see
+dab_detr/visualization.py); it is evaluated on a ``--grid`` of positions (default 64 along
+the longer side; 0: exactly the feature-map tokens the model attends).
+"""
+
+import dab_detr  # noqa: F401  (first: prepares Detectron2's import, registers DABDETR)
+
+# isort: split
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from detectron2.data import MetadataCatalog  # noqa: E402
+from detectron2.data.detection_utils import read_image  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from dab_detr.data import register_builtin_datasets  # noqa: E402
+from dab_detr.visualization import (  # noqa: E402
+    DecoderTrace,
+    model_positional_maps,
+    positional_query,
+    sine_prior_map,
+    trace_decoder,
+)
+
+# the demo's predictor: same weights loading and test-time preprocessing
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from demo.demo import build_predictor, setup_cfg  # noqa: E402
+
+logger = logging.getLogger("dab_detr.visualize_mechanism")
+TEMPERATURES = (20.0, 10000.0)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Pictures of DAB-DETR's anchors and attention")
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--input", required=True, help="an image")
+    parser.add_argument("--output", required=True, help="folder for the PNGs")
+    parser.add_argument("--query", type=int, default=None,
+                        help="decoder query to follow (default: the highest-scoring one)")
+    parser.add_argument("--layer", type=int, default=-1,
+                        help="layer whose w/h modulation the temperature picture uses")
+    parser.add_argument("--grid", type=int, default=64,
+                        help="key positions along the longer side (0: the feature map)")
+    parser.add_argument("--dpi", type=int, default=100, help="resolution of the PNGs")
+    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
+                        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS m.pth")
+    return parser
+
+
+def _box(ax, box: Sequence[float], size: Tuple[int, int], **style) -> None:
+    """Draw a normalised cxcywh box (a point for cxcy) on an image of ``size`` (w, h)."""
+    w_img, h_img = size
+    if len(box) == 2:
+        ax.plot(box[0] * w_img, box[1] * h_img, "o", color=style.get("edgecolor"), ms=4)
+        return
+    cx, cy, w, h = box
+    ax.add_patch(Rectangle(((cx - w / 2) * w_img, (cy - h / 2) * h_img), w * w_img, h * h_img,
+                           fill=False, **style))
+
+
+def _save(fig, path: str, dpi: int) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def _show(ax, image: np.ndarray, title: str = "") -> None:
+    ax.imshow(image, extent=(0, image.shape[1], image.shape[0], 0))
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_anchors(anchors: torch.Tensor, query: int, image: np.ndarray, path: str,
+                 dpi: int) -> None:
+    """``anchors``: ``(Q, D)`` normalised; the followed query in red."""
+    colors = plt.cm.viridis(np.linspace(0, 1, len(anchors)))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 6))
+    canvas = np.full((400, 400, 3), 255, dtype=np.uint8)
+    for ax, background in zip(axes, (canvas, image)):
+        _show(ax, background)
+        size = (background.shape[1], background.shape[0])
+        for i, anchor in enumerate(anchors.tolist()):
+            _box(ax, anchor, size, edgecolor=colors[i], linewidth=1, alpha=0.8)
+        _box(ax, anchors[query % len(anchors)].tolist(), size, edgecolor="red", linewidth=2.5)
+    axes[0].set_title(f"{len(anchors)} learned anchors (unit square)", fontsize=10)
+    axes[1].set_title(f"over the image (red: query {query})", fontsize=10)
+    _save(fig, path, dpi)
+
+
+def plot_refinement(trace: DecoderTrace, query: int, image: np.ndarray,
+                    class_names: Optional[List[str]], path: str, dpi: int) -> None:
+    """The anchor (dashed) and the box each decoder layer predicts for ``query``."""
+    layers = [*trace.outputs["aux_outputs"], trace.outputs]
+    colors = plt.cm.plasma(np.linspace(0, 0.85, len(layers)))
+    fig, ax = plt.subplots(figsize=(7, 7 * image.shape[0] / image.shape[1] + 0.6))
+    _show(ax, image, f"query {query}: its box after each decoder layer")
+    size = (image.shape[1], image.shape[0])
+    _box(ax, trace.anchors[0, query].tolist(), size, edgecolor="white", linewidth=2,
+         linestyle="--", label="anchor")
+    centres = [trace.anchors[0, query, :2].tolist()]
+    for i, (out, color) in enumerate(zip(layers, colors)):
+        score, cls = out["pred_logits"][0, query].sigmoid().max(0)
+        name = class_names[int(cls)] if class_names else str(int(cls))
+        box = out["pred_boxes"][0, query].tolist()
+        _box(ax, box, size, edgecolor=color, linewidth=2, label=f"layer {i}: {name} {score:.2f}")
+        centres.append(box[:2])
+    # the path of the box centre, anchor first
+    xs, ys = zip(*[(cx * size[0], cy * size[1]) for cx, cy in centres])
+    ax.plot(xs, ys, "-", color="white", linewidth=1)
+    ax.scatter(xs, ys, c=["white", *colors], s=25, zorder=3, edgecolors="black")
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
+    _save(fig, path, dpi)
+
+
+def _heat(ax, image: np.ndarray, attn: torch.Tensor, grid: Tuple[int, int], title: str,
+          box: Sequence[float], limits: Tuple[float, float]) -> None:
+    """A ``(gh * gw,)`` map over a dimmed image, with the anchor box; colours span
+    ``limits`` (min, max), so that panels sharing them compare."""
+    _show(ax, (image * 0.5).astype(np.uint8), title)
+    ax.imshow(attn.view(grid).cpu().numpy(), cmap="jet", alpha=0.6, vmin=limits[0],
+              vmax=limits[1],
+              extent=(0, image.shape[1], image.shape[0], 0),
+              interpolation="nearest" if min(grid) < 16 else "bilinear")
+    _box(ax, box, (image.shape[1], image.shape[0]), edgecolor="white", linewidth=1.5)
+
+
+def _modulation_text(modulation: Optional[torch.Tensor]) -> str:
+    if modulation is None:
+        return "no w/h modulation"
+    return "w_ref/w={:.2f}, h_ref/h={:.2f}".format(*modulation.tolist())
+
+
+def plot_layer_maps(model, trace: DecoderTrace, layer: int, query: int, image: np.ndarray,
+                    grid: Tuple[int, int], path: str, dpi: int) -> None:
+    """Per head, the positional attention of ``query`` in ``layer``: with the modulation the
+    model applies, and without it."""
+    pq = positional_query(model.transformer.decoder, trace, layer, query)
+    if pq.modulation is None:  # the model does not modulate (MODULATE_HW_ATTN False)
+        rows = [("no w/h modulation", pq.spatial)]
+    else:
+        rows = [("modulated", pq.spatial), ("unmodulated", pq.sine)]
+    nheads = model.transformer.decoder.layers[layer].nhead
+    aspect = image.shape[0] / image.shape[1]
+    fig, axes = plt.subplots(len(rows), nheads, squeeze=False,
+                             figsize=(2.2 * nheads, 2.2 * aspect * len(rows) + 1.0))
+    maps = torch.stack([model_positional_maps(model, layer, sine, grid) for _, sine in rows])
+    # (rows, h, HW) -> per head (h,): a head's rows share colours
+    low, high = maps.amin((0, 2)), maps.amax((0, 2))
+    for r, (label, _) in enumerate(rows):
+        for head in range(nheads):
+            _heat(axes[r, head], image, maps[r, head], grid, f"head {head}, {label}",
+                  pq.anchor.tolist(), (float(low[head]), float(high[head])))
+    rows_text = "" if len(rows) == 1 else "; top row: " + _modulation_text(pq.modulation)
+    fig.suptitle(f"layer {layer}, query {query}: positional attention per head (image PE "
+                 f"temperature {model.position_embedding.temperature_w:g}){rows_text}")
+    _save(fig, path, dpi)
+
+
+def plot_temperatures(model, trace: DecoderTrace, layer: int, query: int, image: np.ndarray,
+                      grid: Tuple[int, int], path: str, dpi: int) -> None:
+    """The identity-projection map of ``query``'s anchor in ``layer`` for each temperature,
+    without and with the layer's w/h modulation."""
+    pq = positional_query(model.transformer.decoder, trace, layer, query)
+    columns = [None] if pq.modulation is None else [None, pq.modulation]
+    aspect = image.shape[0] / image.shape[1]
+    fig, axes = plt.subplots(len(TEMPERATURES), len(columns), squeeze=False,
+                             figsize=(max(3.6 * len(columns), 6.0),  # room for the title
+                                      3.6 * aspect * len(TEMPERATURES) + 1))
+    maps = [[sine_prior_map(pq.anchor, grid, t, m) for m in columns] for t in TEMPERATURES]
+    values = torch.stack([attn for row in maps for attn in row])
+    limits = (float(values.min()), float(values.max()))  # one scale for all
+    for r, temperature in enumerate(TEMPERATURES):
+        for c, modulation in enumerate(columns):
+            title = f"T={temperature:g}, {_modulation_text(modulation)}"
+            _heat(axes[r, c], image, maps[r][c], grid, title, pq.anchor.tolist(), limits)
+    fig.suptitle(f"layer {layer}, query {query}: sine(anchor) . PE(image), identity projections",
+                 fontsize=10)
+    _save(fig, path, dpi)
+
+
+def _grid(size: int, feature_size: Tuple[int, int], image_hw: Tuple[int, int]):
+    if size <= 0:
+        return feature_size
+    h, w = image_hw
+    scale = size / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    setup_logger(name="dab_detr")
+    register_builtin_datasets()
+    cfg = setup_cfg(args.config_file, args.opts)
+    predictor = build_predictor(cfg)
+    model = predictor.model
+    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+
+    original = read_image(args.input, format="BGR")
+    resized = predictor.aug.get_transform(original).apply_image(original)
+    if cfg.INPUT.FORMAT == "RGB":
+        resized = resized[:, :, ::-1]
+    tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+    trace = trace_decoder(model, model.preprocess_image([{"image": tensor}]))
+    image = np.ascontiguousarray(original[:, :, ::-1])  # RGB, for drawing
+
+    scores = trace.outputs["pred_logits"][0].sigmoid().max(-1).values  # (NQ,)
+    query = int(scores.argmax()) if args.query is None else args.query
+    if not 0 <= query < len(scores):
+        parser.error(f"--query {query}: the model has {len(scores)} queries")
+    num_layers = trace.anchors.shape[0]
+    layer = args.layer % num_layers
+    grid = _grid(args.grid, trace.feature_size, image.shape[:2])
+    os.makedirs(args.output, exist_ok=True)
+    out = lambda name: os.path.join(args.output, name)  # noqa: E731
+
+    anchors = model.anchors().sigmoid().detach().cpu()  # (Q, D)
+    plot_anchors(anchors, query, image, out("anchors.png"), args.dpi)
+    plot_refinement(trace, query, image, metadata.get("thing_classes", None),
+                    out("box_refinement.png"), args.dpi)
+    for i in range(num_layers):
+        plot_layer_maps(model, trace, i, query, image, grid,
+                        out(f"positional_attention_layer{i}.png"), args.dpi)
+    plot_temperatures(model, trace, layer, query, image, grid,
+                      out("positional_attention_temperature.png"), args.dpi)
+    logger.info("query %d (score %.3f): anchor %s; pictures in %s", query, scores[query],
+                [round(v, 3) for v in trace.anchors[0, query].tolist()], args.output)
+
+
+if __name__ == "__main__":
+    main()
