@@ -25,7 +25,7 @@ run: $(STAMP)
 		OUTPUT_DIR output/dab_detr_R_18_shapes
 
 lint: $(STAMP)
-	$(PY) -m ruff check dab_detr tests tools train_net.py
+	$(PY) -m ruff check dab_detr tests tools demo benchmarks train_net.py
 
 test: lint
 	$(PY) -m pytest tests -q

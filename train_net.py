@@ -7,6 +7,10 @@
 
 Any COCO-format dataset trains and evaluates without code: name its json and image folder in
 ``DATASETS.REGISTER_COCO`` (see ``dab_detr/data/coco.py``).
+
+``--resume`` continues a run exactly: the optimizer, the scheduler and the data order and
+augmentations (``dab_detr/engine.py``) carry on from the last checkpoint, so a run killed and
+resumed trains like one never stopped.
 """
 
 import dab_detr  # noqa: F401  (first: prepares Detectron2's import, registers DABDETR)
@@ -18,12 +22,7 @@ import weakref
 
 import numpy as np
 import torch
-from detectron2.data import (
-    MetadataCatalog,
-    build_detection_test_loader,
-    build_detection_train_loader,
-)
-from detectron2.data.detection_utils import read_image
+from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -31,7 +30,7 @@ from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
 from dab_detr import _compat
-from dab_detr.checkpointer import DabDetrCheckpointer
+from dab_detr.checkpointer import DabDetrCheckpointer, architecture_record
 from dab_detr.config import get_dab_detr_cfg
 from dab_detr.data import (
     BUILTIN_DATASETS,
@@ -40,7 +39,8 @@ from dab_detr.data import (
     register_builtin_datasets,
     register_coco_datasets,
 )
-from dab_detr.dataset_mapper import DabDetrDatasetMapper
+from dab_detr.dataset_mapper import DabDetrDatasetMapper, read_image
+from dab_detr.engine import TrainDataHook, build_train_loader, restart_data_loader
 from dab_detr.solver import build_optimizer
 
 logger = logging.getLogger("dab_detr")
@@ -48,8 +48,8 @@ _D2_CHECKPOINTS_OPTIMIZER = "state_dict" in vars(DefaultTrainer)
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with DETR's data augmentation, optimizer, COCO evaluation and a
-    checkpointer that loads safely and saves atomically."""
+    """DefaultTrainer with DETR's data augmentation, optimizer, COCO evaluation, a
+    checkpointer that loads safely and saves atomically, and a resumable data loader."""
 
     def build_hooks(self):
         # DefaultTrainer.__init__ builds its checkpointer just before its hooks; swap it here so
@@ -57,16 +57,22 @@ class Trainer(DefaultTrainer):
         self.checkpointer = DabDetrCheckpointer(
             self._trainer.model,
             self.cfg.OUTPUT_DIR,
+            arch=architecture_record(self.cfg),
             trainer=weakref.proxy(self),
         )
-        return super().build_hooks()
+        return [TrainDataHook(self._trainer.data_loader)] + super().build_hooks()
 
     @classmethod
     def build_train_loader(cls, cfg):
-        loader = build_detection_train_loader(cfg, mapper=DabDetrDatasetMapper(cfg, True))
-        # a COCO json knows its classes once loaded, which building the loader did
-        check_num_classes(cfg.MODEL.DAB_DETR.NUM_CLASSES, cfg.DATASETS.TRAIN)
-        return loader
+        # checks each dataset's classes and annotations against the model as it loads it
+        return build_train_loader(cfg, DabDetrDatasetMapper(cfg, True))
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        # the data order and augmentations continue from the checkpoint's iteration (and its
+        # seed, restored with the TrainDataHook's state), not from the start of the stream
+        self._trainer.data_loader.batch_sampler.start_iter = self.start_iter
+        restart_data_loader(self._trainer)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -141,7 +147,7 @@ def draw_detections(cfg, model, dataset_name: str, path: str) -> str:
             for inp, out in zip(inputs, model(inputs)):
                 instances = out["instances"].to("cpu")
                 instances = instances[instances.scores > cfg.TEST.VIS_SCORE_THRESHOLD]
-                image = read_image(inp["file_name"], format="RGB")
+                image = read_image(inp["file_name"], "RGB")
                 vis = Visualizer(image, metadata).draw_instance_predictions(instances)
                 panels.append(vis.get_image())
             if len(panels) >= cfg.TEST.VIS_NUM_IMAGES:
@@ -182,7 +188,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DabDetrCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        DabDetrCheckpointer(model, cfg.OUTPUT_DIR, arch=architecture_record(cfg)).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)

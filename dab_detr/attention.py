@@ -3,7 +3,9 @@
 DAB-DETR's attentions project their inputs outside the attention (content and position
 separately), and its cross-attention has queries and keys twice as wide as its values
 (each head concatenates a content and a positional part). ``Attention`` takes projected
-tensors of any such widths; ``EncoderSelfAttention`` adds the encoder's packed projections.
+tensors of any such widths (narrower values are zero-padded so that the fused kernel, which
+never materialises the attention weights, applies); ``EncoderSelfAttention`` adds the
+encoder's packed projections.
 
 Shapes: B batch, Nq queries, Nk keys, h heads, E query/key width, V value width.
 """
@@ -48,13 +50,19 @@ def multi_head_attention(
     """
     b, nq, e = query.shape
     nk, v = key.shape[1], value.shape[2]
+    dk, dv = e // num_heads, v // num_heads
     # (B, N, h * d) -> (B, h, N, d): SDPA's layout
-    q = query.view(b, nq, num_heads, e // num_heads).transpose(1, 2)
-    k = key.view(b, nk, num_heads, e // num_heads).transpose(1, 2)
-    val = value.view(b, nk, num_heads, v // num_heads).transpose(1, 2)
+    q = query.view(b, nq, num_heads, dk).transpose(1, 2)
+    k = key.view(b, nk, num_heads, dk).transpose(1, 2)
+    val = value.view(b, nk, num_heads, dv).transpose(1, 2)
+    if dv < dk:
+        # SDPA's fused kernel on CPU (flash, as CUDA's) needs values as wide as the keys;
+        # otherwise SDPA falls back to its math path, which materialises the (B, h, Nq, Nk)
+        # weights. Zero channels add zero outputs, dropped below; the scale depends on dk.
+        val = F.pad(val, (0, dk - dv))
     out = F.scaled_dot_product_attention(q, k, val, attn_mask=attn_mask, dropout_p=dropout_p)
-    # (B, h, Nq, V / h) -> (B, Nq, V)
-    return out.transpose(1, 2).reshape(b, nq, v)
+    # (B, h, Nq, dv) -> (B, Nq, h * dv)
+    return out[..., :dv].transpose(1, 2).reshape(b, nq, v)
 
 
 class Attention(nn.Module):

@@ -9,25 +9,79 @@
   (fine-tuning a COCO model on a dataset of its own), and refuses any other shape mismatch
   with an error naming the parameters, instead of silently training them from scratch;
 - saves atomically: a checkpoint is written to a temporary file and renamed, and so is the
-  ``last_checkpoint`` tag, so a run killed while saving keeps the previous checkpoint and tag.
+  ``last_checkpoint`` tag, so a run killed while saving keeps the previous checkpoint and tag;
+- records the architecture settings that leave every tensor shape unchanged (DC5 or not, the
+  position-encoding temperatures, ...) under ``"dab_detr_arch"`` in what it saves, and refuses
+  a file whose record disagrees with the model's config, naming the setting, where loading it
+  would otherwise succeed and compute something else. Files without the record load as before.
 """
 
 import os
 import tempfile
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
 
 from .checkpoint import load_restricted_pickle, load_state_dict_file
 
-__all__ = ["DabDetrCheckpointer", "CLASS_HEAD_PREFIX"]
+__all__ = ["ARCH_KEY", "CLASS_HEAD_PREFIX", "DabDetrCheckpointer", "architecture_record"]
 
 CLASS_HEAD_PREFIX = "class_embed."
+# Checkpoint entry holding architecture_record(cfg) of the model the weights belong to.
+ARCH_KEY = "dab_detr_arch"
+# Config keys that change what the model computes but no tensor shape: a checkpoint of
+# another value loads without error and gives wrong results, so they are recorded and compared.
+ARCH_KEYS = (
+    "MODEL.RESNETS.RES5_DILATION",  # 2: DC5
+    "MODEL.RESNETS.STRIDE_IN_1X1",
+    "MODEL.DAB_DETR.PE_TEMPERATURE_H",
+    "MODEL.DAB_DETR.PE_TEMPERATURE_W",
+    "MODEL.DAB_DETR.NHEADS",
+    "MODEL.DAB_DETR.ACTIVATION",
+    "MODEL.DAB_DETR.MODULATE_HW_ATTN",
+    "MODEL.DAB_DETR.ITER_UPDATE",
+    "MODEL.DAB_DETR.KEEP_QUERY_POS",
+    "MODEL.PIXEL_MEAN",
+    "MODEL.PIXEL_STD",
+    "INPUT.FORMAT",
+)
+
+
+def architecture_record(cfg: CfgNode) -> Dict[str, Any]:
+    """``{config key: value}`` of :data:`ARCH_KEYS` in ``cfg`` (tuples as lists)."""
+    record = {}
+    for key in ARCH_KEYS:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        record[key] = _plain(node)
+    return record
 
 
 class DabDetrCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` with safe loading, class-head replacement and atomic saves."""
+    """``DetectionCheckpointer`` with safe loading, class-head replacement, atomic saves and
+    an architecture record."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        save_dir: str = "",
+        *,
+        arch: Optional[Dict[str, Any]] = None,
+        **kwargs: Any,
+    ):
+        """
+        Args:
+            model, save_dir, kwargs: as for ``DetectionCheckpointer`` (``save_to_disk`` and
+                the checkpointables).
+            arch: :func:`architecture_record` of the config that built ``model``: saved with
+                every checkpoint, and compared with the record of each file loaded. ``None``:
+                nothing saved, nothing compared.
+        """
+        super().__init__(model, save_dir, **kwargs)
+        self.arch = arch
 
     def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
         self._loading = path
@@ -48,9 +102,32 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         return loaded if "model" in loaded else {"model": loaded}
 
     def _load_model(self, checkpoint: Dict[str, Any]):
+        self._check_arch(checkpoint.get(ARCH_KEY))
         if not checkpoint.get("matching_heuristics", False):
             self._check_shapes(checkpoint["model"])
         return super()._load_model(checkpoint)
+
+    def _check_arch(self, recorded: Optional[Dict[str, Any]]) -> None:
+        """Raise if the file's architecture record disagrees with the model's config."""
+        if not recorded or not self.arch:
+            return
+        wrong = {
+            k: (recorded[k], self.arch[k])
+            for k in recorded.keys() & self.arch.keys()
+            if _plain(recorded[k]) != _plain(self.arch[k])
+        }
+        if wrong:
+            source = getattr(self, "_loading", "the checkpoint")
+            listed = "; ".join(
+                f"{k} is {a!r} in the file, {b!r} in the config"
+                for k, (a, b) in sorted(wrong.items())
+            )
+            raise ValueError(
+                f"{source} was saved from a model of another architecture ({listed}). Its "
+                "tensors have the same shapes, but the model would compute something else: use "
+                "the config it was trained or converted with (e.g. a DC5 checkpoint needs a "
+                "*_DC5_* config)."
+            )
 
     def _check_shapes(self, weights: Dict[str, Any]) -> None:
         """Drop a class head of another class count; raise on any other shape mismatch."""
@@ -89,6 +166,8 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
+        if self.arch:
+            data[ARCH_KEY] = self.arch
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
@@ -101,6 +180,11 @@ class DabDetrCheckpointer(DetectionCheckpointer):
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         tag = os.path.join(self.save_dir, "last_checkpoint")
         _atomic_write(tag, lambda f: f.write(last_filename_basename.encode()))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so that a record read back from a file compares equal."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _atomic_write(path: str, write) -> None:

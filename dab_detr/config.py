@@ -83,6 +83,12 @@ def add_dab_detr_config(cfg: CN) -> None:
     _C.TEST.VIS_NUM_IMAGES = 0
     _C.TEST.VIS_SCORE_THRESHOLD = 0.5
 
+    # Training images that cannot be read (missing, truncated, not an image): False stops
+    # training with an error naming the file; True skips each with a warning, trains on
+    # another image instead, and reports the count at the end of training. Evaluation always
+    # stops.
+    _C.DATALOADER.SKIP_UNREADABLE_IMAGES = False
+
 
 def get_dab_detr_cfg(config_file: str = "", opts: Optional[List[str]] = None) -> CN:
     """Detectron2's default config with DAB-DETR's keys, merged with ``config_file`` and

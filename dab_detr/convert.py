@@ -14,7 +14,9 @@ Sources:
   transformers  ``DabDetrForObjectDetection`` weights: a directory, ``.safetensors`` or ``.bin``.
   torchvision   an ImageNet ResNet state dict, for ``MODEL.WEIGHTS`` when training on COCO.
 
-The output is ``{"model": state_dict, "__author__": ...}`` for ``DetectionCheckpointer``.
+The output is ``{"model": state_dict, "__author__": ...}`` for ``DetectionCheckpointer``, with
+``--config-file`` also ``"dab_detr_arch"``: the config's architecture record, which
+``DabDetrCheckpointer`` compares with the config that loads the file.
 Nothing is unpickled beyond tensors, plain containers and the official training script's
 ``argparse.Namespace`` (see ``checkpoint.py``).
 """
@@ -243,8 +245,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         cfg = get_dab_detr_cfg(args.config_file)
     sd = convert(args.source, args.input, cfg)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    torch.save({"model": sd, "__author__": f"dab_detr.convert --source {args.source}"},
-               args.output)
+    data = {"model": sd, "__author__": f"dab_detr.convert --source {args.source}"}
+    if cfg is not None and args.source != "torchvision":
+        from .checkpointer import ARCH_KEY, architecture_record
+
+        # DabDetrCheckpointer refuses the file for a config of another architecture (DC5 ...)
+        data[ARCH_KEY] = architecture_record(cfg)
+    torch.save(data, args.output)
     logger.info("wrote %d tensors to %s", len(sd), args.output)
 
 

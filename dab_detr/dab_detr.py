@@ -184,29 +184,48 @@ class DABDETR(nn.Module):
         cols = torch.arange(w, device=sizes.device)[None, None, :] >= sizes[:, 1, None, None]
         return rows | cols
 
-    def forward_predictions(self, images: ImageList) -> Dict[str, torch.Tensor]:
-        """Raw predictions of every decoder layer.
+    def forward_predictions(
+        self, images: ImageList, with_aux: bool = True
+    ) -> Dict[str, torch.Tensor]:
+        """Raw predictions of the last decoder layer, and of the others with ``with_aux``.
+
+        Args:
+            images: normalised images, as ``preprocess_image`` batches them.
+            with_aux: also predict classes and boxes from the earlier layers' outputs.
+                Inference needs only the last layer's; the earlier layers still refine the
+                anchors inside the decoder either way.
 
         Returns:
             ``pred_logits`` ``(B, NQ, K)`` and ``pred_boxes`` ``(B, NQ, 4)`` of the last layer,
-            and ``aux_outputs``: a list of such dicts for the other layers.
+            and with ``with_aux``, ``aux_outputs``: a list of such dicts for the other layers.
         """
-        features = self.backbone(images.tensor)[self.in_feature]
+        # oneDNN's convolutions are faster on channels-last maps (and the flattened tokens
+        # then need no transposing copy); the results are the same up to rounding
+        pixels = images.tensor.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(pixels)[self.in_feature]
         # The padding mask follows the features down: nearest-neighbour, as in DETR.
         mask = F.interpolate(self.padding_mask(images)[None].float(), size=features.shape[-2:])
         mask = mask.to(torch.bool)[0]
         pos = self.position_embedding(mask).to(features.dtype)
         hs, references = self.transformer(self.input_proj(features), mask, self.anchors(), pos)
-        logits = self.class_embed(hs)  # (L, B, NQ, K)
-        boxes = self._predict_boxes(hs, references)  # (L, B, NQ, 4)
-        aux = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
-        return {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "aux_outputs": aux}
+        if not with_aux:
+            # (L, B, NQ, C) -> (1, B, NQ, C): heads only on the last layer
+            hs, references = hs[-1:], references[-1:]
+        logits = self.class_embed(hs)  # (L|1, B, NQ, K)
+        boxes = self._predict_boxes(hs, references)  # (L|1, B, NQ, 4)
+        outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if with_aux:
+            outputs["aux_outputs"] = [
+                {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
+            ]
+        return outputs
 
     def _predict_boxes(self, hs: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-        """Boxes ``(L, B, NQ, 4)`` refining each layer's anchors ``references`` ``(L|1, B,
-        NQ, D)`` from its outputs ``hs`` ``(L, B, NQ, C)``."""
+        """Boxes ``(N, B, NQ, 4)`` refining anchors ``references`` ``(N|1, B, NQ, D)`` from
+        the last N layers' outputs ``hs`` ``(N, B, NQ, C)``."""
         if isinstance(self.bbox_embed, nn.ModuleList):
-            delta = torch.stack([head(h) for head, h in zip(self.bbox_embed, hs)])
+            heads = self.bbox_embed[len(self.bbox_embed) - len(hs) :]  # the last N heads
+            delta = torch.stack([head(h) for head, h in zip(heads, hs)])
         else:
             delta = self.bbox_embed(hs)
         d = self.query_dim
@@ -225,12 +244,13 @@ class DABDETR(nn.Module):
             ``scores`` and ``pred_classes``.
         """
         images = self.preprocess_image(batched_inputs)
-        outputs = self.forward_predictions(images)
+        outputs = self.forward_predictions(images, with_aux=self.training and self.aux_loss)
         if self.training:
-            if not self.aux_loss:
-                outputs.pop("aux_outputs")
             targets = self.prepare_targets(batched_inputs, images)
-            losses = self.criterion(outputs, targets)
+            # Under autocast (SOLVER.AMP.ENABLED) the network runs in half precision; the
+            # matching costs and the set losses are computed in float32.
+            with torch.autocast(images.tensor.device.type, enabled=False):
+                losses = self.criterion(_to_float32(outputs), targets)
             weights = self.criterion.weight_dict
             return {k: v * weights[k] for k, v in losses.items() if k in weights}
         results = self.inference(outputs["pred_logits"], outputs["pred_boxes"],
@@ -279,3 +299,12 @@ class DABDETR(nn.Module):
             result.pred_classes = index[i] % k
             results.append(result)
         return results
+
+
+def _to_float32(outputs):
+    """``outputs`` (tensors in dicts and lists) with floating-point tensors in float32."""
+    if isinstance(outputs, dict):
+        return {k: _to_float32(v) for k, v in outputs.items()}
+    if isinstance(outputs, list):
+        return [_to_float32(v) for v in outputs]
+    return outputs.float() if outputs.is_floating_point() else outputs

@@ -212,12 +212,12 @@ class TransformerDecoder(nn.Module):
                 query_pos = self.ref_point_head(sine_embed)
             spatial = self._spatial_query(sine_embed, tgt, anchors, layer_id)
             tgt = layer(tgt, memory, pos, query_pos, spatial, memory_mask)
-            if self.bbox_embed is not None:
+            # no layer uses anchors refined after the last one
+            if self.bbox_embed is not None and layer_id < len(self.layers) - 1:
                 delta = self._box_head(layer_id)(tgt)  # refined from the un-normed output
                 d = self.query_dim
                 new_anchors = (delta[..., :d] + inverse_sigmoid(anchors)).sigmoid()
-                if layer_id < len(self.layers) - 1:
-                    references.append(new_anchors)
+                references.append(new_anchors)
                 # gradients reach a layer's anchors only through that layer's predictions
                 anchors = new_anchors.detach()
             intermediate.append(self.norm(tgt))

@@ -150,9 +150,10 @@ class DABTransformer(nn.Module):
                 predictions refine; ``(1, B, NQ, D)`` when the anchors are not updated.
         """
         b = src.shape[0]
-        # (B, C, H, W) -> (B, HW, C): tokens in row-major order
-        src = src.flatten(2).transpose(1, 2)
-        pos = pos.flatten(2).transpose(1, 2)
+        # (B, C, H, W) -> (B, HW, C): tokens in row-major order, contiguous once here (a
+        # no-op for channels-last maps) rather than copied by the linear layers that read them
+        src = src.flatten(2).transpose(1, 2).contiguous()
+        pos = pos.flatten(2).transpose(1, 2).contiguous()
         attn_mask = key_padding_to_attn_mask(mask.flatten(1))
         memory = self.encoder(src, pos, attn_mask)
 

@@ -33,7 +33,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
-from dab_detr.checkpointer import DabDetrCheckpointer
+from dab_detr.checkpointer import DabDetrCheckpointer, architecture_record
 from dab_detr.config import get_dab_detr_cfg
 from dab_detr.data import register_builtin_datasets
 
@@ -80,7 +80,7 @@ def build_predictor(cfg) -> DefaultPredictor:
     seed_all_rng(cfg.SEED if cfg.SEED >= 0 else None)  # reproducible without weights
     predictor = DefaultPredictor(cfg)
     if weights:
-        DabDetrCheckpointer(predictor.model).load(weights)
+        DabDetrCheckpointer(predictor.model, arch=architecture_record(cfg)).load(weights)
     else:
         logger.warning("MODEL.WEIGHTS is empty: the model keeps its random initialisation")
     return predictor

@@ -61,7 +61,7 @@ def _coco(name: str) -> str:
 
 def _load_converted(path) -> dict:
     data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    assert set(data) == {"model", "__author__"}
+    assert set(data) <= {"model", "__author__", "dab_detr_arch"} and "model" in data
     return data["model"]
 
 

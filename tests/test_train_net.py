@@ -21,6 +21,7 @@ from dab_detr.data import generate_shapes_dataset, register_builtin_datasets
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
 
 CONFIG = config_path("quick_schedules/dab_detr_R_18_shapes.yaml")
 # A few seconds per iteration at most: a narrow transformer on small images.
@@ -269,3 +270,32 @@ def test_non_finite_loss_stops_with_iteration_and_checkpoint(tmp_path, monkeypat
 def test_amp_on_cpu_is_refused(tmp_path):
     with pytest.raises(ValueError, match="SOLVER.AMP.ENABLED needs a CUDA device"):
         train_net.setup(_args(tmp_path, "SOLVER.AMP.ENABLED", "True"))
+
+
+def test_losses_are_float32_under_autocast():
+    model = _small_model()
+    model.train()
+    seen = {}
+    criterion_forward = model.criterion.forward
+
+    def record(outputs, targets):
+        seen["logits"] = outputs["pred_logits"].dtype
+        return criterion_forward(outputs, targets)
+
+    model.criterion.forward = record
+    image = torch.randint(0, 255, (3, 96, 128), dtype=torch.float32)
+    instances = Instances((96, 128))
+    instances.gt_boxes = Boxes(torch.tensor([[10.0, 20.0, 60.0, 70.0]]))
+    instances.gt_classes = torch.tensor([2])
+    hidden = {}
+
+    def hook(module, inputs, output):
+        hidden["dtype"] = output.dtype
+
+    model.input_proj.register_forward_hook(hook)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model([{"image": image, "instances": instances}])
+    assert hidden["dtype"] == torch.bfloat16  # autocast did run the network in bfloat16
+    assert seen["logits"] == torch.float32
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
