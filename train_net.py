@@ -197,27 +197,7 @@ def main(args):
     return trainer.train()
 
 
-def return_freed_memory_to_the_system() -> None:
-    """Make glibc hand freed blocks above 128 KiB back to the system at once.
-
-    With image sizes that change every iteration (multi-scale training), glibc's default
-    dynamic threshold keeps freed tensor memory cached: resident memory grew by about 570 MiB
-    per 100 iterations of the shapes config, against 14 MiB with this setting
-    (benchmarks/memory_stability.py). Equivalent to ``MALLOC_MMAP_THRESHOLD_=131072``, which
-    takes precedence when set; no-op where glibc is not the allocator.
-    """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 if __name__ == "__main__":
-    return_freed_memory_to_the_system()
     args = default_argument_parser().parse_args()
     launch(
         main,
