@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks: run ``python benchmarks/benchmark.py`` (see its docstring)."""
