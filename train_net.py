@@ -26,6 +26,7 @@ from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
@@ -172,6 +173,8 @@ def setup(args):
     cfg = get_dab_detr_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # our modules log under dab_detr.*: to the console and OUTPUT_DIR/log.txt like Detectron2's
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dab_detr")
     register_builtin_datasets()
     register_coco_datasets(cfg.DATASETS.REGISTER_COCO)
     # fail before building anything when the classes are already known (built-in datasets)

@@ -17,7 +17,6 @@
 """
 
 import os
-import tempfile
 from typing import Any, Dict, Optional
 
 import torch
@@ -25,6 +24,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 
 from .checkpoint import load_restricted_pickle, load_state_dict_file
+from .file_io import atomic_write
 
 __all__ = ["ARCH_KEY", "CLASS_HEAD_PREFIX", "DabDetrCheckpointer", "architecture_record"]
 
@@ -174,30 +174,14 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        _atomic_write(save_file, lambda f: torch.save(data, f))
+        atomic_write(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         tag = os.path.join(self.save_dir, "last_checkpoint")
-        _atomic_write(tag, lambda f: f.write(last_filename_basename.encode()))
+        atomic_write(tag, lambda f: f.write(last_filename_basename.encode()))
 
 
 def _plain(value: Any) -> Any:
     """Tuples as lists, so that a record read back from a file compares equal."""
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-
-def _atomic_write(path: str, write) -> None:
-    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -299,3 +299,13 @@ def test_losses_are_float32_under_autocast():
     assert seen["logits"] == torch.float32
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
+
+
+def test_checkpoints_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        DabDetrCheckpointer(_small_model(), str(tmp_path)).save("model_0000001")
+    finally:
+        os.umask(umask)
+    for name in ("model_0000001.pth", "last_checkpoint"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

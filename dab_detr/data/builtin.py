@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from PIL import Image, ImageDraw
+
+from ..file_io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -201,18 +202,6 @@ def render_image(
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), objects
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write via a temp file and ``os.replace`` so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def generate_shapes_dataset(
     root: str, split: str, num_images: int, seed: int, image_size: tuple[int, int] = (224, 224)
 ) -> str:
@@ -245,7 +234,8 @@ def generate_shapes_dataset(
     images, annotations = _write_images(os.path.join(root, split), num_images, seed, image_size)
     data = {"info": info, "licenses": [], "images": images, "annotations": annotations}
     data["categories"] = [{"id": i + 1, "name": n} for i, n in enumerate(CLASS_NAMES)]
-    _atomic_write(json_path, json.dumps(data).encode("utf-8"))  # last: marks the split complete
+    # written last: its presence marks the split complete
+    atomic_write(json_path, json.dumps(data).encode("utf-8"), fsync=False)
     elapsed = time.perf_counter() - start
     logger.info("Generated %s (%d images) in %.1f s.", json_path, num_images, elapsed)
     return json_path
@@ -263,7 +253,7 @@ def _write_images(
         pixels, objects = render_image(rng, h, w)
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
-        _atomic_write(os.path.join(image_dir, f"{i:06d}.png"), buf.getvalue())
+        atomic_write(os.path.join(image_dir, f"{i:06d}.png"), buf.getvalue(), fsync=False)
         images.append({"id": i + 1, "file_name": f"{i:06d}.png", "height": h, "width": w})
         for cat, box in objects:
             ann = {"id": len(annotations) + 1, "image_id": i + 1, "category_id": cat, "bbox": box}

@@ -1,0 +1,39 @@
+"""Writing files so that a crash or a kill never leaves a half-written one behind."""
+
+import os
+import tempfile
+from typing import BinaryIO, Callable, Union
+
+__all__ = ["atomic_write"]
+
+
+def atomic_write(
+    path: str, content: Union[bytes, Callable[[BinaryIO], object]], fsync: bool = True
+) -> None:
+    """Write ``content`` (bytes, or a function writing to a binary file) to a temporary file
+    beside ``path``, flush it to disk (unless ``fsync`` is False: a cache that can be
+    regenerated), then rename it to ``path``.
+
+    The file gets the usual permissions (0o666 minus the umask), not ``mkstemp``'s private
+    0o600, so that checkpoints stay readable by whoever could read them before.
+    """
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(content, bytes):
+                f.write(content)
+            else:
+                content(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
