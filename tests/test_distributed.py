@@ -36,14 +36,9 @@ OPTS = [*SMALL, "MODEL.WEIGHTS", "", "MODEL.RESNETS.NORM", "FrozenBN", "SOLVER.I
 LOADER_SEED = 1234
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The runs compared here must round alike: one intra-op thread in every process (the
-    subprocesses get OMP_NUM_THREADS=1 / set_num_threads(1))."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The runs compared here must round alike: one intra-op thread in every process (the
+# subprocesses get OMP_NUM_THREADS=1 / set_num_threads(1)).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch():

@@ -36,14 +36,9 @@ RUN = ["SOLVER.MAX_ITER", "9", "SOLVER.CHECKPOINT_PERIOD", "3", "SOLVER.WARMUP_I
        "INPUT.CROP.SIZE", "(64, 96)", "INPUT.MIN_SIZE_TRAIN", "(80, 96)", "DATASETS.TEST", "()"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The runs compared here must round alike: one intra-op thread in every process (the
-    subprocesses get OMP_NUM_THREADS=1 / set_num_threads(1))."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The runs compared here must round alike: one intra-op thread in every process (the
+# subprocesses get OMP_NUM_THREADS=1 / set_num_threads(1)).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
