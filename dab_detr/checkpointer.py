@@ -133,6 +133,8 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         """Drop a class head of another class count; raise on any other shape mismatch."""
         model = self.model.module if hasattr(self.model, "module") else self.model
         expected = model.state_dict()
+        # a DDP model's checkpoint: fvcore strips the prefix later; compare without it now
+        torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(weights, "module.")
         wrong = {
             k: (tuple(v.shape), tuple(expected[k].shape))
             for k, v in weights.items()
@@ -162,9 +164,15 @@ class DabDetrCheckpointer(DetectionCheckpointer):
                 del weights[k]
 
     def save(self, name: str, **kwargs: Any) -> None:
-        """Same as ``DetectionCheckpointer.save``, but never leaves a half-written file."""
+        """Same as ``DetectionCheckpointer.save``, but never leaves a half-written file in a
+        local ``save_dir`` (other storage, e.g. ``s3://``, goes through Detectron2's
+        ``PathManager`` as before)."""
         if not self.save_dir or not self.save_to_disk:
             return
+        if "://" in self.save_dir:
+            if self.arch:
+                kwargs[ARCH_KEY] = self.arch
+            return super().save(name, **kwargs)
         data = {"model": self.model.state_dict()}
         if self.arch:
             data[ARCH_KEY] = self.arch
@@ -178,6 +186,8 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if "://" in self.save_dir:
+            return super().tag_last_checkpoint(last_filename_basename)
         tag = os.path.join(self.save_dir, "last_checkpoint")
         atomic_write(tag, lambda f: f.write(last_filename_basename.encode()))
 

@@ -32,6 +32,7 @@ from detectron2.data.build import (
     trivial_batch_collator,
     worker_init_reset_seed,
 )
+from detectron2.data.detection_utils import check_metadata_consistency
 from detectron2.data.samplers import (
     RandomSubsetTrainingSampler,
     RepeatFactorTrainingSampler,
@@ -191,6 +192,8 @@ def load_train_dicts(cfg: CfgNode) -> list[dict[str, Any]]:
             raise _unknown_category_error(name, e) from e
         check_num_classes(num_classes, [name])  # known now; a clearer error than per box
         dataset_dicts += check_annotations(loaded, num_classes, name)
+    if len(cfg.DATASETS.TRAIN) > 1:  # same classes in the same order, as Detectron2 checks
+        check_metadata_consistency("thing_classes", cfg.DATASETS.TRAIN)
     if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
         dataset_dicts = filter_images_with_only_crowd_annotations(dataset_dicts)
     if not dataset_dicts:
@@ -227,8 +230,10 @@ def _index_stream(cfg: CfgNode, dataset_dicts: list[dict]) -> Callable[[int], It
     if name == "TrainingSampler":
         return lambda seed: TrainingSampler(size, seed=seed)._infinite_indices()
     if name == "RepeatFactorTrainingSampler":
+        # DATALOADER.REPEAT_SQRT exists in Detectron2 after v0.6 only
+        sqrt = {"sqrt": cfg.DATALOADER.REPEAT_SQRT} if "REPEAT_SQRT" in cfg.DATALOADER else {}
         factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
-            dataset_dicts, cfg.DATALOADER.REPEAT_THRESHOLD
+            dataset_dicts, cfg.DATALOADER.REPEAT_THRESHOLD, **sqrt
         )
         return lambda seed: RepeatFactorTrainingSampler(factors, seed=seed)._infinite_indices()
     if name == "RandomSubsetTrainingSampler":

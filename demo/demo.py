@@ -26,16 +26,17 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.structures import Instances
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
+from PIL import Image
 
 from dab_detr.checkpointer import DabDetrCheckpointer, architecture_record
 from dab_detr.config import get_dab_detr_cfg
 from dab_detr.data import register_builtin_datasets
+from dab_detr.dataset_mapper import read_image
 
 logger = logging.getLogger("dab_detr.demo")
 
@@ -157,10 +158,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     inputs = expand_inputs(args.input)
     results = []
     for path, out_path in zip(inputs, output_paths(inputs, args.output)):
-        image = read_image(path, format="BGR")  # DefaultPredictor takes BGR, as cv2 reads
+        image = read_image(path, "BGR")  # DefaultPredictor takes BGR, as cv2 reads
         instances, picture = run_on_image(predictor, image, metadata,
                                           args.confidence_threshold)
-        picture.save(out_path)
+        Image.fromarray(picture.get_image()).save(out_path)  # any format PIL writes
         logger.info("%s: %d detections -> %s", path, len(instances), out_path)
         results.append({"file_name": path, "height": image.shape[0], "width": image.shape[1],
                         "detections": to_records(instances, class_names)})

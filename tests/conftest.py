@@ -1,5 +1,6 @@
 """Shared test helpers. ``import dab_detr`` first: it prepares Detectron2's import."""
 
+import logging
 import os
 import sys
 
@@ -30,10 +31,18 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Run a module's tests with one intra-op thread, then restore the count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(autouse=True)
+def _dab_detr_logs_reach_caplog(monkeypatch):
+    """train_net's setup gives the ``dab_detr`` logger its own handlers (Detectron2's
+    ``setup_logger``), which stops propagation to the root logger that ``caplog`` listens to:
+    let it propagate in tests."""
+    import train_net
+
+    def setup_logger(*args, **kwargs):
+        logger = detectron2_setup_logger(*args, **kwargs)
+        logger.propagate = True
+        return logger
+
+    detectron2_setup_logger = train_net.setup_logger
+    monkeypatch.setattr(train_net, "setup_logger", setup_logger)
+    monkeypatch.setattr(logging.getLogger("dab_detr"), "propagate", True)

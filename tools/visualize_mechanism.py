@@ -36,11 +36,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from dab_detr.data import register_builtin_datasets  # noqa: E402
+from dab_detr.dataset_mapper import read_image  # noqa: E402
 from dab_detr.visualization import (  # noqa: E402
     DecoderTrace,
     model_positional_maps,
@@ -224,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     model = predictor.model
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
 
-    original = read_image(args.input, format="BGR")
+    original = read_image(args.input, "BGR")
     resized = predictor.aug.get_transform(original).apply_image(original)
     if cfg.INPUT.FORMAT == "RGB":
         resized = resized[:, :, ::-1]
