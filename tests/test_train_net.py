@@ -309,3 +309,24 @@ def test_checkpoints_get_the_usual_permissions(tmp_path):
         os.umask(umask)
     for name in ("model_0000001.pth", "last_checkpoint"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_training_sets_with_different_class_lists_are_refused(tmp_path, coco_json_dataset):
+    (name, json_file, image_root), _ = coco_json_dataset
+    data = json.loads(open(json_file).read())
+    names = [c["name"] for c in data["categories"]]
+    for category, other in zip(data["categories"], reversed(names)):  # the same, reversed
+        category["name"] = other
+    swapped = str(tmp_path / "swapped.json")
+    with open(swapped, "w") as f:
+        json.dump(data, f)
+    datasets = ((name, json_file, image_root), ("mine_swapped", swapped, image_root))
+    opts = ["DATASETS.REGISTER_COCO", repr(datasets), "DATASETS.TRAIN",
+            "('mine_train', 'mine_swapped')", "DATASETS.TEST", "()"]
+    cfg = train_net.setup(_args(tmp_path, *opts))
+    try:
+        with pytest.raises(ValueError, match="different metadata 'thing_classes'"):
+            train_net.Trainer(cfg)
+    finally:
+        DatasetCatalog.remove("mine_swapped")
+        MetadataCatalog.remove("mine_swapped")
