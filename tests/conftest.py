@@ -14,6 +14,8 @@ from dab_detr.config import get_dab_detr_cfg  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs")
+# names and shapes of the official checkpoints' parameters (see tests/data/README.md)
+REFERENCE = os.path.join(REPO, "tests", "data", "official_dab_detr_state_dict_keys.json")
 
 
 def config_path(name: str) -> str:

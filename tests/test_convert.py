@@ -3,7 +3,7 @@ in the model, ImageNet ResNets give torchvision's features, unsafe files are ref
 Detectron2 checkpoints round-trip exactly.
 
 The official checkpoints are stood in for by random tensors with their exact names and
-shapes, listed in ``shared/reference/official_dab_detr_state_dict_keys.json``.
+shapes, listed in ``tests/data/official_dab_detr_state_dict_keys.json``.
 """
 
 import argparse
@@ -23,14 +23,11 @@ from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from detectron2.structures import Boxes, Instances
 
-from conftest import REPO, config_path, load_cfg
+from conftest import REFERENCE, REPO, config_path, load_cfg
 from dab_detr.backbone import build_dab_detr_resnet_backbone
 from dab_detr.checkpoint import UnsafeCheckpointError, load_state_dict_file
 from dab_detr.convert import coco_class_rows, convert
 from dab_detr.convert import main as convert_main
-
-REFERENCE = os.path.join(REPO, "..", "shared", "reference",
-                         "official_dab_detr_state_dict_keys.json")
 
 # family of official checkpoint -> configs whose models it must fill exactly
 OFFICIAL_CONFIGS = [
@@ -96,9 +93,6 @@ def _official_to_d2(name: str) -> str:
 def official_file(tmp_path_factory):
     """``family -> path`` of a random ``{"model": state_dict}`` file with exactly the
     official names and shapes (written once per family)."""
-    if not os.path.exists(REFERENCE):
-        pytest.skip(f"reference key list not found: {os.path.abspath(REFERENCE)} (shared/ "
-                    "is expected beside the repository)")
     with open(REFERENCE) as f:
         shapes = json.load(f)
     paths = {}

@@ -17,7 +17,7 @@ import torch
 from test_train_net import CONFIG, SMALL
 
 import train_net
-from conftest import REPO, config_path
+from conftest import REFERENCE, REPO, config_path
 from dab_detr.checkpointer import ARCH_KEY, DabDetrCheckpointer, architecture_record
 from dab_detr.convert import main as convert_main
 from dab_detr.data import generate_shapes_dataset
@@ -245,15 +245,11 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
         torch.testing.assert_close(other.state_dict()[k], v, rtol=0, atol=0)
 
 
-REFERENCE = os.path.join(REPO, "..", "shared", "reference",
-                         "official_dab_detr_state_dict_keys.json")
 
 
 def test_dc5_config_refuses_converted_non_dc5_checkpoint(tmp_path):
     """python -m dab_detr.convert records the architecture; train_net refuses a DC5 config
     for the converted R50 (non-DC5) weights before evaluating anything."""
-    if not os.path.exists(REFERENCE):
-        pytest.skip(f"reference key list not found: {REFERENCE}")
     with open(REFERENCE) as f:
         shapes = json.load(f)["R50"]
     g = torch.Generator().manual_seed(0)
