@@ -48,3 +48,12 @@ def _dab_detr_logs_reach_caplog(monkeypatch):
     detectron2_setup_logger = train_net.setup_logger
     monkeypatch.setattr(train_net, "setup_logger", setup_logger)
     monkeypatch.setattr(logging.getLogger("dab_detr"), "propagate", True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests with one intra-op thread, then restore the count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
