@@ -102,7 +102,7 @@ class Trainer(DefaultTrainer):
         if cfg.TEST.VIS_NUM_IMAGES > 0 and comm.is_main_process():
             for name in cfg.DATASETS.TEST:
                 path = os.path.join(cfg.OUTPUT_DIR, "inference", f"{name}_detections.png")
-                draw_detections(cfg, model, name, path)
+                draw_detections(cfg, model, cls.build_test_loader(cfg, name), name, path)
         return results
 
     # Detectron2 v0.6 checkpoints only the iteration and the hooks' states, so --resume restarted
@@ -110,7 +110,7 @@ class Trainer(DefaultTrainer):
     # scaler) under "_trainer". Keep them with either.
     def state_dict(self):
         ret = super().state_dict()
-        if "_trainer" not in ret:
+        if not _D2_CHECKPOINTS_OPTIMIZER:
             ret["_trainer"] = self._trainer.state_dict()
         return ret
 
@@ -130,16 +130,15 @@ class Trainer(DefaultTrainer):
             ) from e
 
 
-def draw_detections(cfg, model, dataset_name: str, path: str) -> str:
-    """Draw the detections of the first ``cfg.TEST.VIS_NUM_IMAGES`` images of a test set,
-    scored above ``cfg.TEST.VIS_SCORE_THRESHOLD``, with Detectron2's ``Visualizer`` into one
-    PNG grid at ``path``.
+def draw_detections(cfg, model, loader, dataset_name: str, path: str) -> str:
+    """Draw the detections of the first ``cfg.TEST.VIS_NUM_IMAGES`` images of ``loader`` (the
+    test loader of ``dataset_name``), scored above ``cfg.TEST.VIS_SCORE_THRESHOLD``, with
+    Detectron2's ``Visualizer`` into one PNG grid at ``path``.
 
     Returns:
         ``path``.
     """
     metadata = MetadataCatalog.get(dataset_name)
-    loader = Trainer.build_test_loader(cfg, dataset_name)
     panels = []
     training = model.training
     model.eval()
@@ -155,6 +154,9 @@ def draw_detections(cfg, model, dataset_name: str, path: str) -> str:
                 break
     model.train(training)
     panels = panels[: cfg.TEST.VIS_NUM_IMAGES]
+    if not panels:
+        logger.warning(f"{dataset_name} has no image to draw detections on")
+        return path
     cols = min(4, len(panels))
     h = max(p.shape[0] for p in panels)
     w = max(p.shape[1] for p in panels)
