@@ -131,8 +131,7 @@ class DabDetrCheckpointer(DetectionCheckpointer):
 
     def _check_shapes(self, weights: Dict[str, Any]) -> None:
         """Drop a class head of another class count; raise on any other shape mismatch."""
-        model = self.model.module if hasattr(self.model, "module") else self.model
-        expected = model.state_dict()
+        expected = self.model.state_dict()  # fvcore's Checkpointer unwrapped a DDP model
         # a DDP model's checkpoint: fvcore strips the prefix later; compare without it now
         torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(weights, "module.")
         wrong = {
