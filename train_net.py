@@ -20,15 +20,11 @@ import logging
 import os
 import weakref
 
-import numpy as np
-import torch
-from detectron2.data import MetadataCatalog, build_detection_test_loader
+from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from detectron2.utils.visualizer import Visualizer
-from PIL import Image
 
 from dab_detr import _compat
 from dab_detr.checkpointer import DabDetrCheckpointer, architecture_record
@@ -40,8 +36,9 @@ from dab_detr.data import (
     register_builtin_datasets,
     register_coco_datasets,
 )
-from dab_detr.dataset_mapper import DabDetrDatasetMapper, read_image
+from dab_detr.dataset_mapper import DabDetrDatasetMapper
 from dab_detr.engine import TrainDataHook, build_train_loader, restart_data_loader
+from dab_detr.predictor import draw_detections
 from dab_detr.solver import build_optimizer
 
 logger = logging.getLogger("dab_detr")
@@ -128,47 +125,6 @@ class Trainer(DefaultTrainer):
                 f"{e}\nTraining stopped; the last checkpoint is {last} (continue from it with "
                 "--resume after fixing the cause, e.g. a lower SOLVER.BASE_LR)."
             ) from e
-
-
-def draw_detections(cfg, model, loader, dataset_name: str, path: str) -> str:
-    """Draw the detections of the first ``cfg.TEST.VIS_NUM_IMAGES`` images of ``loader`` (the
-    test loader of ``dataset_name``), scored above ``cfg.TEST.VIS_SCORE_THRESHOLD``, with
-    Detectron2's ``Visualizer`` into one PNG grid at ``path``.
-
-    Returns:
-        ``path``.
-    """
-    metadata = MetadataCatalog.get(dataset_name)
-    panels = []
-    training = model.training
-    model.eval()
-    with torch.no_grad():
-        for inputs in loader:
-            for inp, out in zip(inputs, model(inputs)):
-                instances = out["instances"].to("cpu")
-                instances = instances[instances.scores > cfg.TEST.VIS_SCORE_THRESHOLD]
-                image = read_image(inp["file_name"], "RGB")
-                vis = Visualizer(image, metadata).draw_instance_predictions(instances)
-                panels.append(vis.get_image())
-            if len(panels) >= cfg.TEST.VIS_NUM_IMAGES:
-                break
-    model.train(training)
-    panels = panels[: cfg.TEST.VIS_NUM_IMAGES]
-    if not panels:
-        logger.warning(f"{dataset_name} has no image to draw detections on")
-        return path
-    cols = min(4, len(panels))
-    h = max(p.shape[0] for p in panels)
-    w = max(p.shape[1] for p in panels)
-    rows = -(-len(panels) // cols)
-    grid = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
-    for i, p in enumerate(panels):
-        r, c = divmod(i, cols)
-        grid[r * h : r * h + p.shape[0], c * w : c * w + p.shape[1]] = p
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(grid).save(path)
-    logger.info(f"Detections of {len(panels)} images of {dataset_name} drawn to {path}")
-    return path
 
 
 def setup(args):

@@ -83,6 +83,11 @@ def add_dab_detr_config(cfg: CN) -> None:
     _C.TEST.VIS_NUM_IMAGES = 0
     _C.TEST.VIS_SCORE_THRESHOLD = 0.5
 
+    # The crop branch of DETR's augmentation first resizes the short edge to one of these
+    # (DETR: 400, 500, 600, for COCO-sized images), then takes an INPUT.CROP.SIZE crop. Scale
+    # both with the image size: with small images a fixed 400-600 zooms every crop far in.
+    _C.INPUT.CROP.PRE_RESIZE_SHORT_EDGES = (400, 500, 600)
+
     # Training images that cannot be read (missing, truncated, not an image): False stops
     # training with an error naming the file; True skips each with a warning, trains on
     # another image instead, and reports the count at the end of training. Evaluation always

@@ -2,24 +2,20 @@
 
 DAB-DETR trains with the augmentation of DETR (facebookresearch/detr, ``datasets/coco.py``,
 ``make_coco_transforms``): a horizontal flip, then with probability 0.5 either a multi-scale
-resize, or a resize to a short edge in (400, 500, 600), a random crop and the same multi-scale
-resize. ``DabDetrDatasetMapper`` expresses that pipeline with Detectron2's augmentation API,
+resize, or a resize to a short edge in (400, 500, 600) (``INPUT.CROP.PRE_RESIZE_SHORT_EDGES``),
+a random crop and the same multi-scale resize. ``DabDetrDatasetMapper`` expresses that pipeline with Detectron2's augmentation API,
 so it draws its random numbers from ``np.random`` (``dab_detr.engine`` seeds it per sample).
 
 Bad data is reported, never passed on to crash deep inside the model: an image that cannot be
-read raises :class:`UnreadableImageError` naming the file (or, with
+read raises :class:`~dab_detr.data.images.UnreadableImageError` naming the file (or, with
 ``DATALOADER.SKIP_UNREADABLE_IMAGES``, the training mapper returns ``None``: ``dab_detr.engine``
-takes another image; Detectron2's ``MapDataset`` would too, but fails on Python >= 3.11), and
-:func:`check_annotations` drops boxes with no area in their image and refuses classes the model
-does not have.
+takes another image; Detectron2's ``MapDataset`` would too, but fails on Python >= 3.11).
+Boxes were checked before: :func:`~dab_detr.data.annotations.check_annotations`.
 """
 
 import copy
 import logging
-import math
-import numbers
 import sys
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,67 +24,19 @@ import torch
 from detectron2.config import CfgNode, configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.structures import BoxMode, Instances
-from detectron2.utils.file_io import PathManager
-from PIL import Image, ImageOps
+from detectron2.structures import Instances
 
-__all__ = [
-    "DabDetrDatasetMapper",
-    "RandomSelect",
-    "UnreadableImageError",
-    "build_dab_detr_augmentation",
-    "check_annotations",
-    "read_image",
-]
+from .data.images import UnreadableImageError, read_image
+
+__all__ = ["DabDetrDatasetMapper", "RandomSelect", "build_dab_detr_augmentation"]
 
 logger = logging.getLogger(__name__)
 
-# Short edges of the resize that precedes the random crop, as in DETR.
-CROP_PRE_RESIZE_SHORT_EDGES = (400, 500, 600)
 # Annotation fields DAB-DETR never reads; dropping them before the copy and the transforms
 # saves the (possibly large) polygon copies and their transformation.
 _UNUSED_ANNOTATION_KEYS = ("segmentation", "keypoints")
 
 AugOrTransform = T.Augmentation | T.Transform
-# What PIL raises for a missing, truncated, empty or non-image file (SyntaxError and ValueError
-# for some corrupt headers), and for an image above its decompression-bomb limit.
-_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-class UnreadableImageError(OSError):
-    """An image file is missing, truncated or not an image."""
-
-
-def read_image(file_name: str, image_format: str) -> np.ndarray:
-    """Detectron2's ``read_image`` (EXIF orientation applied, any PIL mode converted), with
-    16-bit grayscale kept to its high byte instead of saturating, and errors naming the file.
-
-    Args:
-        file_name: path of the image.
-        image_format: a format accepted by ``detection_utils.read_image`` (e.g. "RGB", "BGR").
-
-    Returns:
-        ``(H, W, C)`` uint8 array in ``image_format``, in the orientation its EXIF tag gives.
-
-    Raises:
-        UnreadableImageError: the file is missing, truncated or not an image.
-    """
-    try:
-        with PathManager.open(file_name, "rb") as f:
-            image = Image.open(f)
-            image.load()  # decode now: a truncated file fails here, not later
-    except _READ_ERRORS as e:
-        raise UnreadableImageError(f"cannot read image {file_name}: {e}") from e
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception as e:  # a malformed EXIF block: keep the stored orientation, as Detectron2
-        logger.warning(f"{file_name}: EXIF orientation not applied ({e})")
-    if image.mode.startswith("I;16") or image.mode == "I":
-        # PIL's convert("RGB") clips 16-bit values at 255 (a white image); PIL already reads
-        # 16-bit colour PNGs as their high bytes, so do the same for grayscale.
-        pixels = np.asarray(image).astype(np.int64)
-        image = Image.fromarray((pixels.clip(0, 65535) >> 8).astype(np.uint8))
-    return utils.convert_PIL_to_numpy(image, image_format)
 
 
 class RandomSelect(T.Augmentation):
@@ -175,10 +123,16 @@ def build_dab_detr_augmentation(cfg: CfgNode, is_train: bool) -> list[T.Augmenta
             f"INPUT.CROP.SIZE must be an absolute (min, max) range in pixels, e.g. (384, 600); "
             f"got {crop_size}"
         )
+    pre_resize = tuple(cfg.INPUT.CROP.PRE_RESIZE_SHORT_EDGES)
+    if not pre_resize or min(pre_resize) < 1:
+        raise ValueError(
+            "INPUT.CROP.PRE_RESIZE_SHORT_EDGES must be short edges in pixels, e.g. "
+            f"(400, 500, 600); got {pre_resize}"
+        )
     crop_branch = [
         # DETR's RandomResize([400, 500, 600]) has no max size: sys.maxsize reproduces it
         # (the following crop bounds the size anyway).
-        T.ResizeShortestEdge(CROP_PRE_RESIZE_SHORT_EDGES, sys.maxsize, sample_style="choice"),
+        T.ResizeShortestEdge(pre_resize, sys.maxsize, sample_style="choice"),
         # DETR's RandomSizeCrop draws absolute sizes, so the crop type is fixed here and
         # INPUT.CROP.TYPE (whose Detectron2 default is "relative_range") is not read.
         T.RandomCrop("absolute_range", crop_size),
@@ -314,109 +268,3 @@ class DabDetrDatasetMapper:
         instances.gt_boxes.clip(image_shape)
         # A box outside a crop is clipped to zero width or height: it has no object left.
         return instances[instances.gt_boxes.nonempty()]
-
-
-def check_annotations(
-    dataset_dicts: list[dict[str, Any]], num_classes: int, dataset_name: str
-) -> list[dict[str, Any]]:
-    """Drop the boxes no augmentation can make trainable, and refuse unknown classes.
-
-    A non-crowd box with non-finite coordinates, a zero or negative width or height, or no
-    area inside its image (when the dict gives the image size) is dropped, and one warning
-    counts them by reason, naming the first of each. A box partly outside its image is kept:
-    the mapper clips it. Crowd annotations are left alone: the mapper drops them.
-
-    Args:
-        dataset_dicts: the dataset in Detectron2's format (not modified).
-        num_classes: the model's class count; ``category_id`` must be in ``[0, num_classes)``.
-        dataset_name: named in the warning and errors.
-
-    Returns:
-        The dicts, those that lost boxes replaced by shallow copies without them.
-
-    Raises:
-        ValueError: naming the image and annotation, for a missing or malformed ``bbox`` or a
-            ``category_id`` outside ``[0, num_classes)``.
-    """
-    dropped: Counter[str] = Counter()
-    first: dict[str, str] = {}
-    total = 0
-    checked = []
-    for record in dataset_dicts:
-        annotations = record.get("annotations") or []
-        kept = []
-        for i, obj in enumerate(annotations):
-            if obj.get("iscrowd", 0):
-                kept.append(obj)
-                continue
-            total += 1
-            try:
-                problem = _box_problem(obj, num_classes, record.get("height"), record.get("width"))
-            except ValueError as e:
-                raise ValueError(f"{dataset_name}: {_where(record, i)} {e}") from None
-            if problem is None:
-                kept.append(obj)
-            else:
-                dropped[problem] += 1
-                first.setdefault(problem, _where(record, i))
-        if len(kept) != len(annotations):
-            record = {**record, "annotations": kept}
-        checked.append(record)
-    if dropped:
-        reasons = "; ".join(f"{n} with {p} (first: {first[p]})" for p, n in dropped.items())
-        logger.warning(
-            f"{dataset_name}: dropped {sum(dropped.values())} of {total} boxes that cannot be "
-            f"trained on: {reasons}"
-        )
-    return checked
-
-
-def _where(record: dict[str, Any], index: int) -> str:
-    obj = record["annotations"][index]
-    ann_id = f" (id {obj['id']})" if "id" in obj else ""
-    image = f"image {record.get('image_id')} ({record.get('file_name')})"
-    return f"annotation {index}{ann_id} of {image}"
-
-
-def _box_problem(
-    obj: dict[str, Any], num_classes: int, height: int | None, width: int | None
-) -> str | None:
-    """Why the box of ``obj`` cannot be trained on, or ``None`` if it can.
-
-    Raises:
-        ValueError: for a ``category_id`` outside ``[0, num_classes)``, or a malformed box.
-    """
-    category = obj.get("category_id")
-    if (
-        isinstance(category, bool)
-        or not isinstance(category, numbers.Integral)
-        or not 0 <= category < num_classes
-    ):
-        raise ValueError(
-            f"has category_id {category!r}, but the model's classes are 0 to {num_classes - 1} "
-            f"(MODEL.DAB_DETR.NUM_CLASSES {num_classes}); fix the annotation or the dataset's "
-            "class mapping"
-        )
-    bbox = obj.get("bbox")
-    if bbox is None or len(bbox) != 4 or "bbox_mode" not in obj:
-        raise ValueError(
-            f"needs a 4-number 'bbox' and a 'bbox_mode', got bbox={bbox!r}, "
-            f"bbox_mode={obj.get('bbox_mode')!r}"
-        )
-    mode = obj["bbox_mode"]
-    # plain arithmetic for the two detection modes: BoxMode.convert costs ~50 us a box, a
-    # minute for COCO
-    if mode == BoxMode.XYWH_ABS:
-        x0, y0, w, h = map(float, bbox)
-        x1, y1 = x0 + w, y0 + h
-    elif mode == BoxMode.XYXY_ABS:
-        x0, y0, x1, y1 = map(float, bbox)
-    else:
-        x0, y0, x1, y1 = map(float, BoxMode.convert(list(bbox), mode, BoxMode.XYXY_ABS))
-    if not math.isfinite(x0 + y0 + x1 + y1):  # a NaN or an infinity makes the sum one
-        return "non-finite coordinates"
-    if x1 <= x0 or y1 <= y0:
-        return "zero or negative width or height"
-    if height and width and (min(x1, width) <= max(x0, 0) or min(y1, height) <= max(y0, 0)):
-        return "no area inside the image"
-    return None

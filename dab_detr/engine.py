@@ -43,7 +43,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
 from .data import check_num_classes
-from .dataset_mapper import check_annotations
+from .data.annotations import check_annotations
 
 __all__ = [
     "ResumableBatchSampler",
@@ -181,7 +181,7 @@ class TrainLoader:
 
 def load_train_dicts(cfg: CfgNode) -> list[dict[str, Any]]:
     """The dicts of ``DATASETS.TRAIN``, each dataset checked against the model's classes and
-    by :func:`~dab_detr.dataset_mapper.check_annotations`; images without non-crowd boxes are
+    by :func:`~dab_detr.data.annotations.check_annotations`; images without non-crowd boxes are
     removed when ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``."""
     num_classes = cfg.MODEL.DAB_DETR.NUM_CLASSES
     dataset_dicts = []

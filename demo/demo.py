@@ -24,19 +24,16 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.structures import Instances
-from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from dab_detr.checkpointer import DabDetrCheckpointer, architecture_record
-from dab_detr.config import get_dab_detr_cfg
 from dab_detr.data import register_builtin_datasets
-from dab_detr.dataset_mapper import read_image
+from dab_detr.data.images import read_image
+from dab_detr.predictor import build_predictor, setup_cfg
 
 logger = logging.getLogger("dab_detr.demo")
 
@@ -57,34 +54,6 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS m.pth")
     return parser
-
-
-def setup_cfg(config_file: str, opts: Sequence[str]):
-    cfg = get_dab_detr_cfg(config_file, list(opts))
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("MODEL.DEVICE=%s but CUDA is not available: running on the CPU",
-                       cfg.MODEL.DEVICE)
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
-
-
-def build_predictor(cfg) -> DefaultPredictor:
-    """Detectron2's ``DefaultPredictor`` (test-time resize, BGR input converted to
-    ``INPUT.FORMAT``, one image at a time) whose weights are read by ``DabDetrCheckpointer``,
-    which runs no code from a weight file; ``DefaultPredictor``'s own loader would unpickle
-    a ``.pkl``."""
-    weights = cfg.MODEL.WEIGHTS
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.WEIGHTS = ""
-    seed_all_rng(cfg.SEED if cfg.SEED >= 0 else None)  # reproducible without weights
-    predictor = DefaultPredictor(cfg)
-    if weights:
-        DabDetrCheckpointer(predictor.model, arch=architecture_record(cfg)).load(weights)
-    else:
-        logger.warning("MODEL.WEIGHTS is empty: the model keeps its random initialisation")
-    return predictor
 
 
 def expand_inputs(inputs: Sequence[str]) -> List[str]:

@@ -22,7 +22,9 @@ from test_train_net import CONFIG, SMALL
 
 import train_net
 from dab_detr.data import generate_shapes_dataset
-from dab_detr.dataset_mapper import DabDetrDatasetMapper, UnreadableImageError, check_annotations
+from dab_detr.data.annotations import check_annotations
+from dab_detr.data.images import UnreadableImageError
+from dab_detr.dataset_mapper import DabDetrDatasetMapper
 from dab_detr.engine import build_train_loader
 
 # isort: split

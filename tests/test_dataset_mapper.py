@@ -190,9 +190,21 @@ def test_train_pipeline_structure() -> None:
     no_crop = build_dab_detr_augmentation(_small_cfg(crop=False), is_train=True)
     assert [type(a) for a in no_crop] == [T.RandomFlip, T.ResizeShortestEdge]
 
+    scaled = _small_cfg()
+    scaled.INPUT.CROP.PRE_RESIZE_SHORT_EDGES = (40, 50)
+    pre_resize = build_dab_detr_augmentation(scaled, is_train=True)[1].aug_b.augs[0]
+    assert pre_resize.short_edge_length == (40, 50) and pre_resize.max_size == sys.maxsize
+
     test_augs = build_dab_detr_augmentation(_small_cfg(), is_train=False)
     assert [type(a) for a in test_augs] == [T.ResizeShortestEdge]
     assert test_augs[0].short_edge_length == (60, 60) and test_augs[0].max_size == 1333
+
+
+def test_bad_pre_resize_rejected() -> None:
+    cfg = _small_cfg()
+    cfg.INPUT.CROP.PRE_RESIZE_SHORT_EDGES = (0, 50)
+    with pytest.raises(ValueError, match="INPUT.CROP.PRE_RESIZE_SHORT_EDGES.*got \\(0, 50\\)"):
+        build_dab_detr_augmentation(cfg, is_train=True)
 
 
 def test_relative_crop_size_rejected() -> None:

@@ -25,7 +25,6 @@ import dab_detr  # noqa: F401  (first: prepares Detectron2's import, registers D
 import argparse
 import logging
 import os
-import sys
 from typing import List, Optional, Sequence, Tuple
 
 import matplotlib
@@ -40,7 +39,10 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from dab_detr.data import register_builtin_datasets  # noqa: E402
-from dab_detr.dataset_mapper import read_image  # noqa: E402
+from dab_detr.data.images import read_image  # noqa: E402
+
+# the demo's predictor: same weights loading and test-time preprocessing
+from dab_detr.predictor import build_predictor, setup_cfg  # noqa: E402
 from dab_detr.visualization import (  # noqa: E402
     DecoderTrace,
     model_positional_maps,
@@ -48,10 +50,6 @@ from dab_detr.visualization import (  # noqa: E402
     sine_prior_map,
     trace_decoder,
 )
-
-# the demo's predictor: same weights loading and test-time preprocessing
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from demo.demo import build_predictor, setup_cfg  # noqa: E402
 
 logger = logging.getLogger("dab_detr.visualize_mechanism")
 TEMPERATURES = (20.0, 10000.0)
