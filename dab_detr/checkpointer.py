@@ -24,7 +24,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 
 from .checkpoint import load_restricted_pickle, load_state_dict_file
-from .file_io import atomic_write
+from .file_io import atomic_write, remove_stale_temporaries
 
 __all__ = ["ARCH_KEY", "CLASS_HEAD_PREFIX", "DabDetrCheckpointer", "architecture_record"]
 
@@ -82,6 +82,7 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         """
         super().__init__(model, save_dir, **kwargs)
         self.arch = arch
+        self._cleaned = False  # stale temporary files removed from save_dir
 
     def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
         self._loading = path
@@ -165,13 +166,19 @@ class DabDetrCheckpointer(DetectionCheckpointer):
     def save(self, name: str, **kwargs: Any) -> None:
         """Same as ``DetectionCheckpointer.save``, but never leaves a half-written file in a
         local ``save_dir`` (other storage, e.g. ``s3://``, goes through Detectron2's
-        ``PathManager`` as before)."""
+        ``PathManager`` as before). The first save also removes what a save killed mid-write
+        (SIGKILL, power loss) left behind there: only the main process saves."""
         if not self.save_dir or not self.save_to_disk:
             return
         if "://" in self.save_dir:
             if self.arch:
                 kwargs[ARCH_KEY] = self.arch
             return super().save(name, **kwargs)
+        if not self._cleaned:
+            for pattern in ("*.pth", "last_checkpoint"):
+                for tmp in remove_stale_temporaries(self.save_dir, pattern):
+                    self.logger.info(f"Removed {tmp}, left by an interrupted save")
+            self._cleaned = True
         data = {"model": self.model.state_dict()}
         if self.arch:
             data[ARCH_KEY] = self.arch

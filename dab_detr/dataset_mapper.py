@@ -3,8 +3,9 @@
 DAB-DETR trains with the augmentation of DETR (facebookresearch/detr, ``datasets/coco.py``,
 ``make_coco_transforms``): a horizontal flip, then with probability 0.5 either a multi-scale
 resize, or a resize to a short edge in (400, 500, 600) (``INPUT.CROP.PRE_RESIZE_SHORT_EDGES``),
-a random crop and the same multi-scale resize. ``DabDetrDatasetMapper`` expresses that pipeline with Detectron2's augmentation API,
-so it draws its random numbers from ``np.random`` (``dab_detr.engine`` seeds it per sample).
+a random crop and the same multi-scale resize. ``DabDetrDatasetMapper`` expresses that pipeline
+with Detectron2's augmentation API, so it draws its random numbers from ``np.random``
+(``dab_detr.engine`` seeds it per sample).
 
 Bad data is reported, never passed on to crash deep inside the model: an image that cannot be
 read raises :class:`~dab_detr.data.images.UnreadableImageError` naming the file (or, with

@@ -1,10 +1,13 @@
 """Writing files so that a crash or a kill never leaves a half-written one behind."""
 
+import glob
 import os
 import tempfile
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Callable, List, Union
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "remove_stale_temporaries"]
+
+_TMP_PREFIX = ".tmp_"
 
 
 def atomic_write(
@@ -15,11 +18,13 @@ def atomic_write(
     regenerated), then rename it to ``path``.
 
     The file gets the usual permissions (0o666 minus the umask), not ``mkstemp``'s private
-    0o600, so that checkpoints stay readable by whoever could read them before.
+    0o600, so that checkpoints stay readable by whoever could read them before. The temporary
+    file is ``.tmp_<name of path>.<random>``: a process killed mid-write leaves it behind, and
+    :func:`remove_stale_temporaries` removes it.
     """
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{_TMP_PREFIX}{os.path.basename(path)}.")
     try:
         with os.fdopen(fd, "wb") as f:
             if isinstance(content, bytes):
@@ -48,3 +53,24 @@ def _umask() -> int:
     except OSError:
         pass
     return 0o022
+
+
+def remove_stale_temporaries(folder: str, pattern: str) -> List[str]:
+    """Remove the temporary files that writes of ``folder/<pattern>`` killed mid-write left
+    behind (``pattern`` is a glob of the final names, e.g. ``"*.pth"``).
+
+    Only call it where no other process can be writing such a file at the same time (e.g. the
+    main process of a training job, for its own checkpoints): it cannot tell a leftover from a
+    write in progress.
+
+    Returns:
+        The paths removed.
+    """
+    removed = []
+    for tmp in glob.glob(os.path.join(glob.escape(folder), f"{_TMP_PREFIX}{pattern}.*")):
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            continue
+        removed.append(tmp)
+    return removed

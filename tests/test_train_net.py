@@ -228,6 +228,18 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert checkpointer.get_checkpoint_file() == str(tmp_path / "model_0000001.pth")
 
 
+def test_save_removes_what_a_killed_save_left(tmp_path):
+    # what atomic_write leaves when SIGKILL arrives mid-write: no handler gets to remove it
+    leftovers = [".tmp_model_0000002.pth.k2j3", ".tmp_last_checkpoint.x8z1"]
+    for name in leftovers:
+        (tmp_path / name).write_bytes(b"half")
+    (tmp_path / ".tmp_notes.txt.a1b2").write_bytes(b"not ours")  # some other writer's
+    DabDetrCheckpointer(_small_model(), str(tmp_path)).save("model_0000003")
+    assert sorted(os.listdir(tmp_path)) == [
+        ".tmp_notes.txt.a1b2", "last_checkpoint", "model_0000003.pth"
+    ]
+
+
 def test_crafted_pickle_weights_do_not_run_code(tmp_path):
     marker = tmp_path / "pwned"
 
