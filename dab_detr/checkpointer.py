@@ -18,6 +18,7 @@
 
 import os
 from typing import Any, Dict, Optional
+from urllib.parse import parse_qs, urlencode
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -85,7 +86,23 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         self._cleaned = False  # stale temporary files removed from save_dir
 
     def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
+        """``DetectionCheckpointer.load``. As in current Detectron2,
+        ``path?matching_heuristics=True`` loads by Detectron2's name-matching heuristics
+        (``align_and_update_state_dicts``) instead of exact names; Detectron2 v0.6 would look
+        for a file whose name ends in the query."""
         self._loading = path
+        self._matching_heuristics = False
+        base, _, query = (path or "").partition("?")
+        options = parse_qs(query)
+        if "matching_heuristics" in options:
+            value = options.pop("matching_heuristics")
+            if value not in (["True"], ["False"]):
+                raise ValueError(
+                    f"{self._loading}: matching_heuristics must be True or False, got {value}"
+                )
+            self._matching_heuristics = value == ["True"]
+            # any other query (e.g. of a signed URL) stays
+            path = base + (f"?{urlencode(options, doseq=True)}" if options else "")
         return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
@@ -100,7 +117,10 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
             return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
         loaded = load_state_dict_file(filename)
-        return loaded if "model" in loaded else {"model": loaded}
+        loaded = loaded if "model" in loaded else {"model": loaded}
+        if getattr(self, "_matching_heuristics", False):
+            loaded["matching_heuristics"] = True
+        return loaded
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         self._check_arch(checkpoint.get(ARCH_KEY))

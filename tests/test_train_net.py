@@ -200,6 +200,22 @@ def test_fine_tuning_drops_only_the_class_head(tmp_path):
             torch.testing.assert_close(loaded[k], v, rtol=0, atol=0, msg=k)
 
 
+def test_matching_heuristics_query(tmp_path):
+    """``?matching_heuristics=True`` (current Detectron2's syntax) matches names by suffix:
+    a bare backbone state dict lands in ``backbone.*``."""
+    source = _small_model()
+    path = str(tmp_path / "backbone.pth")
+    torch.save({"model": source.backbone.state_dict()}, path)
+    target = _small_model()
+    conv = "stem.conv1.weight"
+    assert not torch.equal(target.backbone.state_dict()[conv], source.backbone.state_dict()[conv])
+    DabDetrCheckpointer(target).load(path + "?matching_heuristics=True")
+    for k, v in source.backbone.state_dict().items():
+        torch.testing.assert_close(target.backbone.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    with pytest.raises(ValueError, match=r"backbone.pth\?matching_heuristics=yes: .*True or False"):
+        DabDetrCheckpointer(target).load(path + "?matching_heuristics=yes")
+
+
 def test_other_shape_mismatch_is_refused(tmp_path):
     path = str(tmp_path / "other.pth")
     torch.save({"model": _small_model().state_dict()}, path)
