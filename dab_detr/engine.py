@@ -272,10 +272,12 @@ def build_train_loader(cfg: CfgNode, mapper: Callable) -> TrainLoader:
 
 def restart_data_loader(trainer: Any) -> None:
     """Make a ``SimpleTrainer`` take its next batch from a new iterator of its data loader."""
-    if isinstance(getattr(type(trainer), "_data_loader_iter", None), property):
-        trainer._data_loader_iter_obj = None  # Detectron2 > 0.6 creates it on first use
+    loader = trainer.data_loader
+    if hasattr(trainer, "reset_data_loader"):
+        # Detectron2 > 0.6: public, and the iterator is created on first use
+        trainer.reset_data_loader(lambda: loader)
     else:
-        trainer._data_loader_iter = iter(trainer.data_loader)  # Detectron2 0.6: eagerly
+        trainer._data_loader_iter = iter(loader)  # Detectron2 0.6 creates it eagerly
 
 
 class TrainDataHook(HookBase):

@@ -162,7 +162,8 @@ def test_loader_resumes_mid_stream_with_any_worker_count(tmp_path, shapes):
 
 
 class _LazyIteratorTrainer:
-    """What SimpleTrainer became after Detectron2 0.6: the iterator is made on first use."""
+    """What SimpleTrainer became after Detectron2 0.6 (its main branch, read on GitHub): the
+    iterator is made on first use, and ``reset_data_loader`` replaces the loader."""
 
     def __init__(self, data_loader):
         self.data_loader = data_loader
@@ -173,6 +174,11 @@ class _LazyIteratorTrainer:
         if self._data_loader_iter_obj is None:
             self._data_loader_iter_obj = iter(self.data_loader)
         return self._data_loader_iter_obj
+
+    def reset_data_loader(self, data_loader_builder):
+        del self.data_loader
+        self.data_loader = data_loader_builder()
+        self._data_loader_iter_obj = None
 
 
 class _Counter:
