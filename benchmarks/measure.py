@@ -66,7 +66,7 @@ def time_interleaved(
     return [summarize(t) for t in times]
 
 
-def _status_mib(key: str) -> float:
+def status_mib(key: str) -> float:
     """A ``VmRSS`` / ``VmHWM`` line of ``/proc/self/status``, in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
@@ -81,11 +81,11 @@ def _child(case: Case, threads: int, conn) -> None:
         step = build_step(case)
         step()  # warm-up: pages in lazily loaded weights, one-time buffers of the libraries
         gc.collect()
-        baseline = _status_mib("VmRSS")
+        baseline = status_mib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # high-water mark := current resident set
         step()
-        conn.send({"peak_mib": _status_mib("VmHWM") - baseline, "baseline_mib": baseline})
+        conn.send({"peak_mib": status_mib("VmHWM") - baseline, "baseline_mib": baseline})
     except BaseException as e:  # reported by the parent, with the case
         conn.send({"error": f"{type(e).__name__}: {e}"})
     finally:

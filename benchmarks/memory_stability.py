@@ -19,7 +19,6 @@ and shows the difference. Data-loader workers are separate processes, not counte
 import argparse
 import gc
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -35,21 +34,10 @@ import torch  # noqa: E402
 # isort: split
 from detectron2.engine import HookBase, default_argument_parser  # noqa: E402
 
+from benchmarks.measure import status_mib  # noqa: E402
 from dab_detr.data import register_builtin_datasets  # noqa: E402
 
 CONFIG = os.path.join(REPO, "configs", "quick_schedules", "dab_detr_R_18_shapes.yaml")
-
-
-def rss_mib() -> float:
-    """Current resident set size of this process in MiB (Linux ``/proc``; elsewhere the peak,
-    which is all ``getrusage`` knows)."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def live_tensors() -> tuple[int, float]:
@@ -79,7 +67,7 @@ class RssReport(HookBase):
     def after_step(self) -> None:
         done = self.trainer.iter + 1
         if done % self.every == 0 or done == self.trainer.max_iter:
-            self.samples.append((done, rss_mib()))
+            self.samples.append((done, status_mib("VmRSS")))
             tensors, tensor_mib = live_tensors()
             print(f"iter {done:6d}  rss {self.samples[-1][1]:8.1f} MiB  tensors {tensors:6d} "
                   f"({tensor_mib:7.1f} MiB)  {time.perf_counter() - self.start:6.0f} s",
@@ -108,7 +96,7 @@ def main() -> None:
         trainer = train_net.Trainer(cfg)
         report = RssReport(args.every)
         trainer.register_hooks([report])
-        print(f"start: rss {rss_mib():.1f} MiB, {args.iters} iterations, "
+        print(f"start: rss {status_mib('VmRSS'):.1f} MiB, {args.iters} iterations, "
               f"batch {cfg.SOLVER.IMS_PER_BATCH}, {cfg.DATALOADER.NUM_WORKERS} data workers")
         trainer.train()
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train_net import CONFIG, SMALL
+from test_train_net import CONFIG, SMALL, losses_by_iteration
 
 import train_net
 from dab_detr.data import generate_shapes_dataset
@@ -66,10 +66,6 @@ def _cfg(tmp_path, train, *opts):
     argv = ["--config-file", CONFIG, *SMALL, "OUTPUT_DIR", str(tmp_path / "out"),
             "DATASETS.TRAIN", f"('{train}',)", *NO_EVAL, *opts]
     return train_net.setup(default_argument_parser().parse_args(argv))
-
-
-def _losses(trainer):
-    return {it: v for v, it in trainer.storage.history("total_loss").values()}
 
 
 def _corrupt(path, kind):
@@ -129,8 +125,8 @@ def test_skipped_unreadable_images_are_counted(tmp_path, coco, caplog):
     assert trainer.storage.history("data/skipped_unreadable_images").latest() == count
     assert any(f"{count} unreadable training images were skipped" in r.getMessage()
                for r in caplog.records)
-    assert sorted(_losses(trainer)) == [0, 1, 2]
-    assert all(math.isfinite(v) for v in _losses(trainer).values())
+    assert sorted(losses_by_iteration(trainer)) == [0, 1, 2]
+    assert all(math.isfinite(v) for v in losses_by_iteration(trainer).values())
     # the batches hold only readable images, still 4 per batch
     loader = build_train_loader(cfg, DabDetrDatasetMapper(cfg, True))
     for _, batch in zip(range(3), loader):
@@ -259,7 +255,8 @@ def test_boxes_without_area_are_dropped_and_counted(tmp_path, coco, caplog):
     w, h = image["width"], image["height"]
     torch.testing.assert_close(boxes[-1], torch.tensor([w - 20.0, h - 20.0, w, h]))
     trainer.train()
-    assert all(math.isfinite(v) for v in _losses(trainer).values()) and len(_losses(trainer)) == 2
+    losses = losses_by_iteration(trainer)
+    assert all(math.isfinite(v) for v in losses.values()) and len(losses) == 2
 
 
 def test_unknown_category_in_json_names_the_annotation(tmp_path, coco):
@@ -319,5 +316,5 @@ def test_empty_and_crowd_only_images_train(tmp_path, coco):
     trainer = train_net.Trainer(_cfg(tmp_path, name, "SOLVER.MAX_ITER", "2",
                                      "SOLVER.IMS_PER_BATCH", "2"))
     trainer.train()
-    assert all(math.isfinite(v) for v in _losses(trainer).values())
+    assert all(math.isfinite(v) for v in losses_by_iteration(trainer).values())
 

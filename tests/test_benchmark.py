@@ -3,6 +3,7 @@ results of the documented structure: numbers, not their values, are checked here
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -83,3 +84,20 @@ def test_quick_benchmark_ratios_goals_and_plot(quick_results):
     assert "median ms" in stdout and "peak MiB" in stdout and "goals" in stdout
     with open(plot, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_stability_runs(tmp_path):
+    """``benchmarks/memory_stability.py`` on a few iterations of a small model: it samples the
+    RSS and reports the growth (numbers, not their values, are checked)."""
+    from test_train_net import SMALL
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DAB_DETR_DATASETS": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "memory_stability.py"), "--iters", "4",
+         "--every", "2", "--warmup", "1", "--num-images", "8", *SMALL],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"start: rss \d+\.\d MiB, 4 iterations", proc.stdout), proc.stdout
+    assert re.search(r"RSS growth from iteration \d+ to \d+: [+-]\d+\.\d MiB .* peak \d+\.\d MiB",
+                     proc.stdout), proc.stdout

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from test_train_net import CONFIG, SMALL
+from test_train_net import CONFIG, SMALL, small_cfg
 
 import train_net
 from conftest import REFERENCE, REPO, config_path
@@ -224,7 +224,7 @@ def test_config_mistakes_name_the_key(tmp_path):
 
 
 def _small_model(*opts):
-    cfg = train_net.get_dab_detr_cfg(CONFIG, ["MODEL.WEIGHTS", "", *SMALL, *opts])
+    cfg = small_cfg(*opts)
     return build_model(cfg), architecture_record(cfg)
 
 

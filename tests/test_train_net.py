@@ -65,13 +65,14 @@ def _train(output_dir, *opts, resume=False):
     return trainer
 
 
-def _losses(trainer):
+def losses_by_iteration(trainer):
+    """``{iteration: total_loss}`` of a finished run (shared with other test modules)."""
     return {it: v for v, it in trainer.storage.history("total_loss").values()}
 
 
 def test_loss_falls_in_20_iterations(tmp_path):
     trainer = _train(tmp_path, "SOLVER.MAX_ITER", "20", "SOLVER.BASE_LR", "1e-3")
-    losses = _losses(trainer)
+    losses = losses_by_iteration(trainer)
     assert sorted(losses) == list(range(20))
     first = sum(losses[i] for i in range(5)) / 5
     last = sum(losses[i] for i in range(15, 20)) / 5
@@ -97,7 +98,7 @@ def test_resume_continues_at_saved_iteration(tmp_path):
     state = resumed._trainer.optimizer.state_dict()["state"]
     assert state and all(float(s["step"]) == 3 for s in state.values())
     resumed.train()
-    assert sorted(_losses(resumed)) == [3, 4]
+    assert sorted(losses_by_iteration(resumed)) == [3, 4]
 
 
 def test_eval_only_reproduces_training_evaluation(tmp_path):
@@ -165,9 +166,13 @@ def test_class_count_mismatch_is_a_clear_error(tmp_path, coco_json_dataset):
         train_net.Trainer(cfg)
 
 
-def _small_model(*opts):
-    cfg = train_net.get_dab_detr_cfg(CONFIG, ["MODEL.WEIGHTS", "", *SMALL, *opts])
-    return build_model(cfg)
+def small_cfg(*opts):
+    """The shapes config made SMALL, without weights (shared with other test modules)."""
+    return train_net.get_dab_detr_cfg(CONFIG, ["MODEL.WEIGHTS", "", *SMALL, *opts])
+
+
+def small_model(*opts):
+    return build_model(small_cfg(*opts))
 
 
 class _Records(logging.Handler):
@@ -180,10 +185,10 @@ class _Records(logging.Handler):
 
 
 def test_fine_tuning_drops_only_the_class_head(tmp_path):
-    source = _small_model()
+    source = small_model()
     path = str(tmp_path / "coco.pth")
     torch.save({"model": source.state_dict()}, path)
-    target = _small_model("MODEL.DAB_DETR.NUM_CLASSES", "3")
+    target = small_model("MODEL.DAB_DETR.NUM_CLASSES", "3")
     init_head = target.class_embed.weight.detach().clone()
     checkpointer = DabDetrCheckpointer(target)
     records = _Records()
@@ -203,10 +208,10 @@ def test_fine_tuning_drops_only_the_class_head(tmp_path):
 def test_matching_heuristics_query(tmp_path):
     """``?matching_heuristics=True`` (current Detectron2's syntax) matches names by suffix:
     a bare backbone state dict lands in ``backbone.*``."""
-    source = _small_model()
+    source = small_model()
     path = str(tmp_path / "backbone.pth")
     torch.save({"model": source.backbone.state_dict()}, path)
-    target = _small_model()
+    target = small_model()
     conv = "stem.conv1.weight"
     assert not torch.equal(target.backbone.state_dict()[conv], source.backbone.state_dict()[conv])
     DabDetrCheckpointer(target).load(path + "?matching_heuristics=True")
@@ -218,14 +223,14 @@ def test_matching_heuristics_query(tmp_path):
 
 def test_other_shape_mismatch_is_refused(tmp_path):
     path = str(tmp_path / "other.pth")
-    torch.save({"model": _small_model().state_dict()}, path)
-    target = _small_model("MODEL.DAB_DETR.NUM_QUERIES", "12")
+    torch.save({"model": small_model().state_dict()}, path)
+    target = small_model("MODEL.DAB_DETR.NUM_QUERIES", "12")
     with pytest.raises(ValueError, match=r"other.pth does not fit .*refpoint_embed.weight"):
         DabDetrCheckpointer(target).load(path)
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    model = _small_model()
+    model = small_model()
     checkpointer = DabDetrCheckpointer(model, str(tmp_path))
     checkpointer.save("model_0000001")
     before = (tmp_path / "model_0000001.pth").read_bytes()
@@ -250,7 +255,7 @@ def test_save_removes_what_a_killed_save_left(tmp_path):
     for name in leftovers:
         (tmp_path / name).write_bytes(b"half")
     (tmp_path / ".tmp_notes.txt.a1b2").write_bytes(b"not ours")  # some other writer's
-    DabDetrCheckpointer(_small_model(), str(tmp_path)).save("model_0000003")
+    DabDetrCheckpointer(small_model(), str(tmp_path)).save("model_0000003")
     assert sorted(os.listdir(tmp_path)) == [
         ".tmp_notes.txt.a1b2", "last_checkpoint", "model_0000003.pth"
     ]
@@ -270,7 +275,7 @@ def test_crafted_pickle_weights_do_not_run_code(tmp_path):
         with open(path, "wb") as f:
             pickle.dump({"model": {"w": Payload()}, "__author__": "x"}, f)
         with pytest.raises(Exception, match=name):
-            DabDetrCheckpointer(_small_model()).load(str(path))
+            DabDetrCheckpointer(small_model()).load(str(path))
         assert not marker.exists()
 
 
@@ -301,7 +306,7 @@ def test_amp_on_cpu_is_refused(tmp_path):
 
 
 def test_losses_are_float32_under_autocast():
-    model = _small_model()
+    model = small_model()
     model.train()
     seen = {}
     criterion_forward = model.criterion.forward
@@ -332,7 +337,7 @@ def test_losses_are_float32_under_autocast():
 def test_checkpoints_get_the_usual_permissions(tmp_path):
     umask = os.umask(0o022)
     try:
-        DabDetrCheckpointer(_small_model(), str(tmp_path)).save("model_0000001")
+        DabDetrCheckpointer(small_model(), str(tmp_path)).save("model_0000001")
     finally:
         os.umask(umask)
     for name in ("model_0000001.pth", "last_checkpoint"):
