@@ -25,6 +25,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 
 from .checkpoint import load_restricted_pickle, load_state_dict_file
+from .convert import convert_torchvision
 from .file_io import atomic_write, remove_stale_temporaries
 
 __all__ = ["ARCH_KEY", "CLASS_HEAD_PREFIX", "DabDetrCheckpointer", "architecture_record"]
@@ -117,6 +118,11 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
             return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
         loaded = load_state_dict_file(filename)
+        if "layer1.0.conv1.weight" in loaded and "conv1.weight" in loaded:
+            # an ImageNet ResNet as torchvision publishes it (e.g. the R101 configs' weights):
+            # renamed here, as ``python -m dab_detr.convert --source torchvision`` would
+            self.logger.info(f"{filename} is a torchvision ResNet: loading it as the backbone")
+            return {"model": convert_torchvision(loaded), "__author__": "torchvision"}
         loaded = loaded if "model" in loaded else {"model": loaded}
         if getattr(self, "_matching_heuristics", False):
             loaded["matching_heuristics"] = True

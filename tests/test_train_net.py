@@ -221,6 +221,20 @@ def test_matching_heuristics_query(tmp_path):
         DabDetrCheckpointer(target).load(path + "?matching_heuristics=yes")
 
 
+def test_torchvision_resnet_file_loads_as_backbone(tmp_path):
+    """The R101 configs point MODEL.WEIGHTS at torchvision's own ResNet file."""
+    torchvision = pytest.importorskip("torchvision")
+    resnet = torchvision.models.resnet18(weights=None).state_dict()
+    path = str(tmp_path / "resnet18.pth")
+    torch.save(resnet, path)
+    target = small_model()
+    DabDetrCheckpointer(target).load(path)
+    ours = target.state_dict()
+    torch.testing.assert_close(ours["backbone.stem.conv1.weight"], resnet["conv1.weight"])
+    torch.testing.assert_close(ours["backbone.res5.1.conv2.norm.running_var"],
+                               resnet["layer4.1.bn2.running_var"])
+
+
 def test_other_shape_mismatch_is_refused(tmp_path):
     path = str(tmp_path / "other.pth")
     torch.save({"model": small_model().state_dict()}, path)
