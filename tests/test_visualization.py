@@ -79,7 +79,7 @@ def test_modulate_hw_scales_y_then_x_halves():
 
 def _traced_model(*opts: str):
     """A random-weights shapes model whose box head moves the anchors, traced on one
-    96 x 128 image (a 3 x 4 feature map)."""
+    96 x 128 image (a 6 x 8 feature map at the shapes backbone's stride 16)."""
     model = build_model(load_cfg(SHAPES, *opts)).eval()
     with torch.no_grad():
         last = model.bbox_embed.layers[-1]
@@ -94,7 +94,8 @@ def test_trace_rebuilds_the_queries_the_decoder_used():
     decoder = model.transformer.decoder
     num_layers, nq = len(decoder.layers), model.anchors().shape[0]
     assert trace.anchors.shape == (num_layers, nq, 4)
-    assert trace.feature_size == (3, 4)
+    stride = model.backbone.output_shape()[model.in_feature].stride
+    assert trace.feature_size == (96 // stride, 128 // stride)
     torch.testing.assert_close(trace.anchors[0], model.anchors().sigmoid())
     assert not torch.allclose(trace.anchors[1], trace.anchors[0])  # refined by layer 0
     for layer in range(num_layers):
