@@ -2,20 +2,24 @@
 """Train the full shapes model and each ablation with the same budget and seed, then compare
 how their AP grows.
 
-    python tools/convergence_study.py --output-dir output/convergence --max-iter 900 \\
-        --eval-period 100 [--variants full no_hw_modulation ...] [--opts MODEL.DEVICE cuda]
+    python tools/convergence_study.py --output-dir output/convergence [--max-iter 4000] \\
+        [--eval-period 500] [--jobs 2] [--variants full no_hw_modulation ...] \\
+        [--opts MODEL.DEVICE cuda]
 
 Variants: ``full`` (configs/quick_schedules/dab_detr_R_18_shapes.yaml) and every config in
 configs/quick_schedules/ablations/, named by file. Each runs ``train_net.py`` in a
 subprocess with ``SOLVER.MAX_ITER``, ``SOLVER.STEPS`` scaled from the config's schedule,
 ``TEST.EVAL_PERIOD``, ``SEED`` and ``OUTPUT_DIR <output-dir>/<variant>``; its console output
-goes to ``train_stdout.txt`` there. Resume-friendly: a finished variant (its
+goes to ``train_stdout.txt`` there. ``--jobs N`` trains N variants at a time, each with
+1/N of the CPU cores (``OMP_NUM_THREADS``). Resume-friendly: a finished variant (its
 ``study_run.json`` written) is skipped, an interrupted one continues from its last
 checkpoint with ``--resume``. Finally writes ``convergence.png`` (AP and loss against
-iteration, all variants) and ``convergence.md`` (final AP, AP50, AP75 of each variant).
+iteration, all variants) and ``convergence.md`` (final AP, AP50, AP75 of each variant, and
+its mean training loss over the last tenth of the run).
 """
 
 import argparse
+import concurrent.futures
 import glob
 import json
 import logging
@@ -56,8 +60,11 @@ def scaled_steps(config_file: str, max_iter: int) -> Tuple[int, ...]:
     return tuple(max(1, round(s * max_iter / solver.MAX_ITER)) for s in solver.STEPS)
 
 
-def run_variant(name: str, config_file: str, args: argparse.Namespace) -> str:
-    """Train one variant unless it already finished; returns its output folder."""
+def run_variant(
+    name: str, config_file: str, args: argparse.Namespace, threads: Optional[int] = None
+) -> str:
+    """Train one variant unless it already finished (``threads``: its ``OMP_NUM_THREADS``,
+    None: inherited); returns its output folder."""
     out = os.path.join(args.output_dir, name)
     steps = scaled_steps(config_file, args.max_iter)
     settings = {"config": os.path.relpath(config_file, REPO), "max_iter": args.max_iter,
@@ -83,8 +90,12 @@ def run_variant(name: str, config_file: str, args: argparse.Namespace) -> str:
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, "train_stdout.txt")
     logger.info("%s: %s (output in %s)", name, "resuming" if resume else "training", log_path)
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "a", encoding="utf-8") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                              env=env).returncode
     if code != 0:
         raise SystemExit(f"{name}: train_net.py exited with {code}; see {log_path}")
     with open(marker, "w", encoding="utf-8") as f:
@@ -97,6 +108,13 @@ def final_ap(records: Sequence[Dict]) -> Dict[str, Optional[float]]:
     evaluated = [r for r in records if "bbox/AP" in r]
     last = evaluated[-1] if evaluated else {}
     return {k: last.get(f"bbox/{k}") for k in ("AP", "AP50", "AP75")}
+
+
+def final_loss(records: Sequence[Dict], max_iter: int) -> Optional[float]:
+    """Mean ``total_loss`` over the last tenth of the iterations (None: nothing logged)."""
+    iters, values = series(records, "total_loss")
+    last = [v for i, v in zip(iters, values) if i >= 0.9 * max_iter - 1]
+    return sum(last) / len(last) if last else None
 
 
 def write_report(runs: Dict[str, List[Dict]], output_dir: str, max_iter: int) -> None:
@@ -120,11 +138,14 @@ def write_report(runs: Dict[str, List[Dict]], output_dir: str, max_iter: int) ->
     plt.close(fig)
 
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-    lines = [f"Final bbox AP on dab_shapes_val after {max_iter} iterations.", "",
-             "| variant | AP | AP50 | AP75 |", "|---|---|---|---|"]
+    lines = [f"Final bbox AP (%) on dab_shapes_val after {max_iter} iterations, and the mean "
+             "training loss over the last tenth of them.", "",
+             "| variant | AP | AP50 | AP75 | training loss |", "|---|---|---|---|---|"]
     for name, records in runs.items():
-        ap = final_ap(records)
-        lines.append(f"| {name} | {fmt(ap['AP'])} | {fmt(ap['AP50'])} | {fmt(ap['AP75'])} |")
+        ap, loss = final_ap(records), final_loss(records, max_iter)
+        loss_text = "-" if loss is None else f"{loss:.2f}"
+        lines.append(f"| {name} | {fmt(ap['AP'])} | {fmt(ap['AP50'])} | {fmt(ap['AP75'])} "
+                     f"| {loss_text} |")
     with open(os.path.join(output_dir, "convergence.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -133,9 +154,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     configs = variant_configs()
     parser = argparse.ArgumentParser(description="DAB-DETR ablations with one budget")
     parser.add_argument("--output-dir", default="output/convergence")
-    parser.add_argument("--max-iter", type=int, default=900, help="iterations of every run")
-    parser.add_argument("--eval-period", type=int, default=100,
+    parser.add_argument("--max-iter", type=int, default=None,
+                        help="iterations of every run (default: the full config's)")
+    parser.add_argument("--eval-period", type=int, default=500,
                         help="evaluate every this many iterations (and at the end)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="variants trained at a time, sharing the CPU cores")
     parser.add_argument("--variants", nargs="+", default=list(configs), choices=list(configs))
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--num-gpus", type=int, default=1)
@@ -144,10 +168,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     args.output_dir = os.path.abspath(args.output_dir)  # train_net runs from the repository
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    runs = {}
-    for name in args.variants:
-        out = run_variant(name, configs[name], args)
-        runs[name] = load_metrics(os.path.join(out, "metrics.json"))
+    if args.max_iter is None:
+        import dab_detr  # noqa: F401  (prepares Detectron2's import)
+        from dab_detr.config import get_dab_detr_cfg
+
+        args.max_iter = get_dab_detr_cfg(FULL_CONFIG).SOLVER.MAX_ITER
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {name: pool.submit(run_variant, name, configs[name], args, threads)
+                   for name in args.variants}
+        outs = {name: future.result() for name, future in futures.items()}
+    runs = {name: load_metrics(os.path.join(out, "metrics.json")) for name, out in outs.items()}
     write_report(runs, args.output_dir, args.max_iter)
     logger.info("wrote %s", os.path.join(args.output_dir, "convergence.{png,md}"))
 

@@ -1,0 +1,52 @@
+"""``tools/convergence_study.py`` end to end on a tiny budget: two variants trained two at a
+time, the plot and the table written, and a second call reusing the finished runs."""
+
+import os
+import re
+import sys
+
+import pytest
+from test_train_net import SMALL
+
+from conftest import REPO
+
+pytest.importorskip("matplotlib")
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+import convergence_study  # noqa: E402
+
+
+def _small_opts():
+    """SMALL without its TEST.EVAL_PERIOD: the study sets that one."""
+    pairs = list(zip(SMALL[::2], SMALL[1::2]))
+    return [x for key, value in pairs if key != "TEST.EVAL_PERIOD" for x in (key, value)]
+
+
+def test_study_runs_two_variants_and_reports(tmp_path):
+    out = tmp_path / "study"
+    argv = ["--output-dir", str(out), "--max-iter", "4", "--eval-period", "2", "--jobs", "2",
+            "--variants", "full", "no_hw_modulation", "--opts", *_small_opts()]
+    convergence_study.main(argv)
+
+    assert (out / "convergence.png").stat().st_size > 10_000
+    table = (out / "convergence.md").read_text()
+    for name in ("full", "no_hw_modulation"):
+        # AP, AP50, AP75 and the final training loss, all numbers
+        assert re.search(rf"^\| {name} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", table,
+                         re.MULTILINE), table
+        log = (out / name / "train_stdout.txt").read_text()
+        assert "Evaluation results for bbox" in log
+    assert (out / "full" / "study_run.json").exists()
+
+    before = (out / "full" / "train_stdout.txt").stat().st_size
+    convergence_study.main(argv)  # finished variants are skipped, the report rewritten
+    assert (out / "full" / "train_stdout.txt").stat().st_size == before
+
+
+def test_changed_settings_are_refused(tmp_path):
+    out = tmp_path / "study"
+    (out / "full").mkdir(parents=True)
+    (out / "full" / "study_run.json").write_text('{"max_iter": 1}')
+    with pytest.raises(SystemExit, match="was trained with"):
+        convergence_study.main(["--output-dir", str(out), "--max-iter", "4",
+                                "--variants", "full"])
