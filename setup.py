@@ -26,6 +26,6 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "transformers>=4.47", "timm"],
+        "dev": ["pytest", "ruff", "transformers>=4.49", "timm"],
     },
 )

@@ -1,4 +1,5 @@
 """Resident memory (RSS) of a DAB-DETR training run on CPU: does it grow with iterations?
+Linux only: the RSS is read from ``/proc/self/status``.
 
     python benchmarks/memory_stability.py [--iters 300] [--every 25] [--warmup 50]
                                           [--num-images N] [KEY VALUE ...]

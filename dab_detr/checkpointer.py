@@ -18,7 +18,7 @@
 
 import os
 from typing import Any, Dict, Optional
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -94,16 +94,16 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         self._loading = path
         self._matching_heuristics = False
         base, _, query = (path or "").partition("?")
-        options = parse_qs(query)
-        if "matching_heuristics" in options:
-            value = options.pop("matching_heuristics")
+        value = parse_qs(query).get("matching_heuristics")
+        if value is not None:
             if value not in (["True"], ["False"]):
                 raise ValueError(
                     f"{self._loading}: matching_heuristics must be True or False, got {value}"
                 )
             self._matching_heuristics = value == ["True"]
-            # any other query (e.g. of a signed URL) stays
-            path = base + (f"?{urlencode(options, doseq=True)}" if options else "")
+            # any other query (e.g. of a signed URL) stays exactly as written
+            rest = [p for p in query.split("&") if p.split("=", 1)[0] != "matching_heuristics"]
+            path = base + (f"?{'&'.join(rest)}" if rest else "")
         return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
@@ -118,11 +118,15 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
             return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
         loaded = load_state_dict_file(filename)
-        if "layer1.0.conv1.weight" in loaded and "conv1.weight" in loaded:
+        weights = loaded.get("state_dict", loaded)
+        if "layer1.0.conv1.weight" in weights and "conv1.weight" in weights:
             # an ImageNet ResNet as torchvision publishes it (e.g. the R101 configs' weights):
             # renamed here, as ``python -m dab_detr.convert --source torchvision`` would
             self.logger.info(f"{filename} is a torchvision ResNet: loading it as the backbone")
-            return {"model": convert_torchvision(loaded), "__author__": "torchvision"}
+            try:
+                return {"model": convert_torchvision(weights), "__author__": "torchvision"}
+            except ValueError as e:
+                raise ValueError(f"{filename}: {e}") from None
         loaded = loaded if "model" in loaded else {"model": loaded}
         if getattr(self, "_matching_heuristics", False):
             loaded["matching_heuristics"] = True

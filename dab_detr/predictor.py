@@ -3,7 +3,7 @@ picture of the detections on a dataset's first images (train_net draws one after
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ def setup_cfg(config_file: str, opts: Sequence[str]) -> CfgNode:
     return cfg
 
 
-def build_predictor(cfg) -> DefaultPredictor:
+def build_predictor(cfg: CfgNode) -> DefaultPredictor:
     """Detectron2's ``DefaultPredictor`` (test-time resize, BGR input converted to
     ``INPUT.FORMAT``, one image at a time) whose weights are read by ``DabDetrCheckpointer``,
     which runs no code from a weight file; ``DefaultPredictor``'s own loader would unpickle
@@ -53,7 +53,9 @@ def build_predictor(cfg) -> DefaultPredictor:
     return predictor
 
 
-def draw_detections(cfg, model, loader, dataset_name: str, path: str) -> str:
+def draw_detections(
+    cfg: CfgNode, model: torch.nn.Module, loader: Iterable, dataset_name: str, path: str
+) -> str:
     """Draw the detections of the first ``cfg.TEST.VIS_NUM_IMAGES`` images of ``loader`` (the
     test loader of ``dataset_name``), scored above ``cfg.TEST.VIS_SCORE_THRESHOLD``, with
     Detectron2's ``Visualizer`` into one PNG grid at ``path``.
@@ -65,17 +67,19 @@ def draw_detections(cfg, model, loader, dataset_name: str, path: str) -> str:
     panels = []
     training = model.training
     model.eval()
-    with torch.no_grad():
-        for inputs in loader:
-            for inp, out in zip(inputs, model(inputs)):
-                instances = out["instances"].to("cpu")
-                instances = instances[instances.scores > cfg.TEST.VIS_SCORE_THRESHOLD]
-                image = read_image(inp["file_name"], "RGB")
-                vis = Visualizer(image, metadata).draw_instance_predictions(instances)
-                panels.append(vis.get_image())
-            if len(panels) >= cfg.TEST.VIS_NUM_IMAGES:
-                break
-    model.train(training)
+    try:
+        with torch.no_grad():
+            for inputs in loader:
+                for inp, out in zip(inputs, model(inputs)):
+                    instances = out["instances"].to("cpu")
+                    instances = instances[instances.scores > cfg.TEST.VIS_SCORE_THRESHOLD]
+                    image = read_image(inp["file_name"], "RGB")
+                    vis = Visualizer(image, metadata).draw_instance_predictions(instances)
+                    panels.append(vis.get_image())
+                if len(panels) >= cfg.TEST.VIS_NUM_IMAGES:
+                    break
+    finally:
+        model.train(training)
     panels = panels[: cfg.TEST.VIS_NUM_IMAGES]
     if not panels:
         logger.warning(f"{dataset_name} has no image to draw detections on")

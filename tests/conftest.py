@@ -28,6 +28,36 @@ def load_cfg(name: str, *opts: str):
                                                 *opts])
 
 
+SHAPES_CONFIG = config_path("quick_schedules/dab_detr_R_18_shapes.yaml")
+# A few seconds per iteration at most: a narrow transformer on small images.
+SMALL = [
+    "MODEL.DAB_DETR.HIDDEN_DIM", "64", "MODEL.DAB_DETR.DIM_FEEDFORWARD", "128",
+    "MODEL.DAB_DETR.NHEADS", "4", "MODEL.DAB_DETR.ENC_LAYERS", "1",
+    "MODEL.DAB_DETR.DEC_LAYERS", "2", "MODEL.DAB_DETR.NUM_QUERIES", "10",
+    "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128", "INPUT.CROP.ENABLED", "False",
+    "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "0", "SOLVER.STEPS", "()",
+    "SOLVER.CHECKPOINT_PERIOD", "1000", "TEST.EVAL_PERIOD", "0", "TEST.VIS_NUM_IMAGES", "0",
+    "DATALOADER.NUM_WORKERS", "0", "SEED", "7",
+]
+
+
+def small_cfg(*opts: str):
+    """The shapes config made SMALL, without weights."""
+    return get_dab_detr_cfg(SHAPES_CONFIG, ["MODEL.WEIGHTS", "", *SMALL, *opts])
+
+
+def small_model(*opts: str) -> torch.nn.Module:
+    from detectron2.modeling import build_model
+
+    return build_model(small_cfg(*opts))
+
+
+def losses_by_iteration(trainer) -> dict:
+    """``{iteration: total_loss}`` of a finished run."""
+    return {it: v for v, it in trainer.storage.history("total_loss").values()}
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

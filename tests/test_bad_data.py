@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train_net import CONFIG, SMALL, losses_by_iteration
 
 import train_net
+from conftest import SHAPES_CONFIG as CONFIG
+from conftest import SMALL, losses_by_iteration
 from dab_detr.data import generate_shapes_dataset
 from dab_detr.data.annotations import check_annotations
 from dab_detr.data.images import UnreadableImageError

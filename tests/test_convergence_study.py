@@ -4,11 +4,11 @@ time, the plot and the table written, and a second call reusing the finished run
 import os
 import re
 import sys
+import time
 
 import pytest
-from test_train_net import SMALL
 
-from conftest import REPO
+from conftest import REPO, SMALL
 
 pytest.importorskip("matplotlib")
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -22,7 +22,10 @@ def _small_opts():
     return [x for key, value in pairs if key != "TEST.EVAL_PERIOD" for x in (key, value)]
 
 
-def test_study_runs_two_variants_and_reports(tmp_path):
+def test_study_runs_two_variants_and_reports(tmp_path, monkeypatch):
+    # the train_net subprocesses generate their own dab_shapes here (both at once: the
+    # generator's atomic writes make that safe)
+    monkeypatch.setenv("DAB_DETR_DATASETS", str(tmp_path / "datasets"))
     out = tmp_path / "study"
     argv = ["--output-dir", str(out), "--max-iter", "4", "--eval-period", "2", "--jobs", "2",
             "--variants", "full", "no_hw_modulation", "--opts", *_small_opts()]
@@ -50,3 +53,20 @@ def test_changed_settings_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="was trained with"):
         convergence_study.main(["--output-dir", str(out), "--max-iter", "4",
                                 "--variants", "full"])
+
+
+def test_a_failed_variant_stops_the_study(tmp_path, monkeypatch):
+    started = []
+
+    def run_variant(name, config_file, args, threads=None):
+        started.append(name)
+        if name == "full":
+            raise SystemExit("full: train_net.py exited with 1")
+        time.sleep(0.2)
+        return str(tmp_path / name)
+
+    monkeypatch.setattr(convergence_study, "run_variant", run_variant)
+    with pytest.raises(SystemExit, match="full: train_net.py exited with 1"):
+        convergence_study.main(["--output-dir", str(tmp_path), "--max-iter", "4"])
+    # the queued variants are cancelled instead of trained before the error shows
+    assert started[0] == "full" and len(started) < len(convergence_study.variant_configs())

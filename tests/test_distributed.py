@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_train_net import CONFIG, SMALL
 from torch.nn.parallel import DistributedDataParallel
 
 import train_net
+from conftest import SHAPES_CONFIG as CONFIG
+from conftest import SMALL
 from dab_detr.config import get_dab_detr_cfg
 from dab_detr.data import ensure_builtin_dataset, register_builtin_datasets
 from dab_detr.dataset_mapper import DabDetrDatasetMapper

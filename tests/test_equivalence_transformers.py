@@ -198,6 +198,10 @@ def test_same_gradients_as_transformers(tmp_path):
     our_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     missing = sorted(n for n in our_grads if n not in ref_grads and not n.startswith("backbone"))
     assert not missing, f"trained here but not in transformers: {missing}"
+    # "bbox_embed.*" is the conversion's second name of the shared box head
+    untrained = sorted(n for n in ref_grads if n not in our_grads
+                       and not n.startswith(("backbone", "bbox_embed.")))
+    assert not untrained, f"trained in transformers but not here: {untrained}"
     compared = sorted(set(ref_grads) & set(our_grads))
     assert len(compared) > 150
     largest = max(float(g.abs().max()) for g in ref_grads.values())

@@ -14,10 +14,10 @@ import time
 
 import pytest
 import torch
-from test_train_net import CONFIG, SMALL, small_cfg
 
 import train_net
-from conftest import REFERENCE, REPO, config_path
+from conftest import REFERENCE, REPO, SMALL, config_path, small_cfg
+from conftest import SHAPES_CONFIG as CONFIG
 from dab_detr.checkpointer import ARCH_KEY, DabDetrCheckpointer, architecture_record
 from dab_detr.convert import main as convert_main
 from dab_detr.data import generate_shapes_dataset

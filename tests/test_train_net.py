@@ -13,28 +13,16 @@ import torch
 from PIL import Image
 
 import train_net
-from conftest import config_path
+from conftest import SHAPES_CONFIG as CONFIG
+from conftest import SMALL, losses_by_iteration, small_model
 from dab_detr.checkpointer import DabDetrCheckpointer
+from dab_detr.convert import convert_torchvision
 from dab_detr.data import generate_shapes_dataset, register_builtin_datasets
 
 # isort: split
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
-from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
-
-CONFIG = config_path("quick_schedules/dab_detr_R_18_shapes.yaml")
-# A few seconds per iteration at most: a narrow transformer on small images.
-SMALL = [
-    "MODEL.DAB_DETR.HIDDEN_DIM", "64", "MODEL.DAB_DETR.DIM_FEEDFORWARD", "128",
-    "MODEL.DAB_DETR.NHEADS", "4", "MODEL.DAB_DETR.ENC_LAYERS", "1",
-    "MODEL.DAB_DETR.DEC_LAYERS", "2", "MODEL.DAB_DETR.NUM_QUERIES", "10",
-    "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128",
-    "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128", "INPUT.CROP.ENABLED", "False",
-    "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "0", "SOLVER.STEPS", "()",
-    "SOLVER.CHECKPOINT_PERIOD", "1000", "TEST.EVAL_PERIOD", "0", "TEST.VIS_NUM_IMAGES", "0",
-    "DATALOADER.NUM_WORKERS", "0", "SEED", "7",
-]
 
 
 @pytest.fixture(autouse=True)
@@ -63,11 +51,6 @@ def _train(output_dir, *opts, resume=False):
     trainer.resume_or_load(resume=resume)
     trainer.train()
     return trainer
-
-
-def losses_by_iteration(trainer):
-    """``{iteration: total_loss}`` of a finished run (shared with other test modules)."""
-    return {it: v for v, it in trainer.storage.history("total_loss").values()}
 
 
 def test_loss_falls_in_20_iterations(tmp_path):
@@ -167,15 +150,6 @@ def test_class_count_mismatch_is_a_clear_error(tmp_path, coco_json_dataset):
         train_net.Trainer(cfg)
 
 
-def small_cfg(*opts):
-    """The shapes config made SMALL, without weights (shared with other test modules)."""
-    return train_net.get_dab_detr_cfg(CONFIG, ["MODEL.WEIGHTS", "", *SMALL, *opts])
-
-
-def small_model(*opts):
-    return build_model(small_cfg(*opts))
-
-
 class _Records(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -223,19 +197,35 @@ def test_matching_heuristics_query(tmp_path):
 
 
 def test_torchvision_resnet_file_loads_as_backbone(tmp_path):
-    """The R101 configs point MODEL.WEIGHTS at torchvision's own ResNet file."""
+    """The R101 configs point MODEL.WEIGHTS at torchvision's own ResNet file: every tensor
+    of it lands in the backbone, renamed, with the frozen norms of the COCO configs."""
     torchvision = pytest.importorskip("torchvision")
-    resnet = torchvision.models.resnet18(weights=None).state_dict()
+    resnet = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():  # statistics that differ from a fresh model's
+        for m in resnet.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
     path = str(tmp_path / "resnet18.pth")
-    torch.save(resnet, path)
+    torch.save(resnet.state_dict(), path)
     target = small_model("MODEL.RESNETS.STEM_OUT_CHANNELS", "64",  # torchvision's full width
                          "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-                         "MODEL.RESNETS.OUT_FEATURES", '["res5"]')
+                         "MODEL.RESNETS.OUT_FEATURES", '["res5"]', "MODEL.RESNETS.NORM", "FrozenBN")
     DabDetrCheckpointer(target).load(path)
     ours = target.state_dict()
-    torch.testing.assert_close(ours["backbone.stem.conv1.weight"], resnet["conv1.weight"])
-    torch.testing.assert_close(ours["backbone.res5.1.conv2.norm.running_var"],
-                               resnet["layer4.1.bn2.running_var"])
+    expected = convert_torchvision(resnet.state_dict())
+    assert len(expected) == len([k for k in ours if k.startswith("backbone.")]) == 100
+    for k, v in expected.items():
+        torch.testing.assert_close(ours[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_malformed_torchvision_file_is_named(tmp_path):
+    resnet = {"conv1.weight": torch.zeros(1), "layer1.0.conv1.weight": torch.zeros(1),
+              "layer1.0.attention.weight": torch.zeros(1)}
+    path = str(tmp_path / "odd_resnet.pth")
+    torch.save(resnet, path)
+    with pytest.raises(ValueError, match=r"odd_resnet.pth: .*layer1.0.attention.weight"):
+        DabDetrCheckpointer(small_model()).load(path)
 
 
 def test_other_shape_mismatch_is_refused(tmp_path):

@@ -175,11 +175,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.max_iter = get_dab_detr_cfg(FULL_CONFIG).SOLVER.MAX_ITER
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
-    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {name: pool.submit(run_variant, name, configs[name], args, threads)
-                   for name in args.variants}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, (cores or 1) // args.jobs) if args.jobs > 1 else None
+    pool = concurrent.futures.ThreadPoolExecutor(args.jobs)
+    futures = {name: pool.submit(run_variant, name, configs[name], args, threads)
+               for name in args.variants}
+    try:
+        concurrent.futures.wait(futures.values(), return_when=concurrent.futures.FIRST_EXCEPTION)
+        failed = [f for f in futures.values() if f.done() and f.exception() is not None]
+        if failed:
+            failed[0].result()  # raise it now: the variants not started yet never start
         outs = {name: future.result() for name, future in futures.items()}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     runs = {name: load_metrics(os.path.join(out, "metrics.json")) for name, out in outs.items()}
     write_report(runs, args.output_dir, args.max_iter)
     logger.info("wrote %s", os.path.join(args.output_dir, "convergence.{png,md}"))
