@@ -96,9 +96,11 @@ def _hf_inputs(images):
     return pixels, mask
 
 
-def _build_pair(variant, tmp_path):
+def _build_pair(variant, tmp_path, num_labels=91, **hf_overrides):
+    """transformers' model with random weights, and this project's model converted from it;
+    both in eval mode."""
     config_name, hf_kwargs = VARIANTS[variant]
-    hf_config = transformers.DabDetrConfig(num_labels=91, **hf_kwargs)
+    hf_config = transformers.DabDetrConfig(num_labels=num_labels, **hf_kwargs, **hf_overrides)
     hf = transformers.DabDetrForObjectDetection(hf_config).eval()
     _randomize(hf)
     _center_input_projection(hf)
@@ -165,19 +167,8 @@ def test_same_gradients_as_transformers(tmp_path):
     gradient in every parameter that both models train. This checks what the prediction test
     cannot: where each implementation stops gradients (the anchors fed to each layer are
     detached), and that the box head shared by the decoder layers receives every use."""
-    config_name, hf_kwargs = VARIANTS["R50"]
-    hf_config = transformers.DabDetrConfig(
-        num_labels=80, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **hf_kwargs
-    )
-    hf = transformers.DabDetrForObjectDetection(hf_config)
-    _randomize(hf)
-    _center_input_projection(hf)
-    hf.save_pretrained(tmp_path / "hf")
-    out = tmp_path / "converted.pth"
-    convert_main(["--source", "transformers", "--config-file", config_path(config_name),
-                  str(tmp_path / "hf"), str(out)])
-    model = build_model(load_cfg(config_name))
-    model.load_state_dict(torch.load(out, weights_only=True)["model"], strict=True)
+    hf, model = _build_pair("R50", tmp_path, num_labels=80, dropout=0.0, attention_dropout=0.0,
+                            activation_dropout=0.0)
     hf.train()
     model.train()
 
