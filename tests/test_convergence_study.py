@@ -27,8 +27,11 @@ def test_study_runs_two_variants_and_reports(tmp_path, monkeypatch):
     # generator's atomic writes make that safe)
     monkeypatch.setenv("DAB_DETR_DATASETS", str(tmp_path / "datasets"))
     out = tmp_path / "study"
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- convergence-table -->\nold\n<!-- /convergence-table -->\nend\n")
     argv = ["--output-dir", str(out), "--max-iter", "4", "--eval-period", "2", "--jobs", "2",
-            "--variants", "full", "no_hw_modulation", "--opts", *_small_opts()]
+            "--variants", "full", "no_hw_modulation", "--readme", str(readme),
+            "--opts", *_small_opts()]
     convergence_study.main(argv)
 
     assert (out / "convergence.png").stat().st_size > 10_000
@@ -40,6 +43,10 @@ def test_study_runs_two_variants_and_reports(tmp_path, monkeypatch):
         log = (out / name / "train_stdout.txt").read_text()
         assert "Evaluation results for bbox" in log
     assert (out / "full" / "study_run.json").exists()
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- convergence-table -->\n| variant |") and "old" not in text
+    assert text.endswith("| no_hw_modulation |" + table.split("| no_hw_modulation |")[1]
+                         + "<!-- /convergence-table -->\nend\n")
 
     before = (out / "full" / "train_stdout.txt").stat().st_size
     convergence_study.main(argv)  # finished variants are skipped, the report rewritten
@@ -70,3 +77,11 @@ def test_a_failed_variant_stops_the_study(tmp_path, monkeypatch):
         convergence_study.main(["--output-dir", str(tmp_path), "--max-iter", "4"])
     # the queued variants are cancelled instead of trained before the error shows
     assert started[0] == "full" and len(started) < len(convergence_study.variant_configs())
+
+
+def test_readme_without_markers_is_refused(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("no table here\n")
+    with pytest.raises(SystemExit, match="README.md: needs one <!-- convergence-table -->"):
+        convergence_study.update_readme(str(readme), "| a |\n")
+    assert readme.read_text() == "no table here\n"

@@ -15,7 +15,9 @@ goes to ``train_stdout.txt`` there. ``--jobs N`` trains N variants at a time, ea
 ``study_run.json`` written) is skipped, an interrupted one continues from its last
 checkpoint with ``--resume``. Finally writes ``convergence.png`` (AP and loss against
 iteration, all variants) and ``convergence.md`` (final AP, AP50, AP75 of each variant, and
-its mean training loss over the last tenth of the run).
+its mean training loss over the last tenth of the run); ``--readme README.md`` also puts that
+table between the README's ``<!-- convergence-table -->`` and ``<!-- /convergence-table -->``
+lines.
 """
 
 import argparse
@@ -117,8 +119,24 @@ def final_loss(records: Sequence[Dict], max_iter: int) -> Optional[float]:
     return sum(last) / len(last) if last else None
 
 
-def write_report(runs: Dict[str, List[Dict]], output_dir: str, max_iter: int) -> None:
-    """``convergence.png`` and ``convergence.md`` from each variant's metrics records."""
+START, END = "<!-- convergence-table -->", "<!-- /convergence-table -->"
+
+
+def update_readme(path: str, table: str) -> None:
+    """Replace what lies between the START and END marker lines of ``path`` with ``table``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise SystemExit(f"{path}: needs one {START} line followed by one {END} line")
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{head}{START}\n{table}{END}{tail}")
+
+
+def write_report(runs: Dict[str, List[Dict]], output_dir: str, max_iter: int) -> str:
+    """``convergence.png`` and ``convergence.md`` from each variant's metrics records;
+    returns the table."""
     fig, (ax_ap, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.8))
     for name, records in runs.items():
         iters, values = series(records, "bbox/AP")
@@ -140,14 +158,16 @@ def write_report(runs: Dict[str, List[Dict]], output_dir: str, max_iter: int) ->
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     lines = [f"Final bbox AP (%) on dab_shapes_val after {max_iter} iterations, and the mean "
              "training loss over the last tenth of them.", "",
-             "| variant | AP | AP50 | AP75 | training loss |", "|---|---|---|---|---|"]
+             "| variant | AP | AP50 | AP75 | training loss, last tenth |", "|---|---|---|---|---|"]
     for name, records in runs.items():
         ap, loss = final_ap(records), final_loss(records, max_iter)
         loss_text = "-" if loss is None else f"{loss:.2f}"
         lines.append(f"| {name} | {fmt(ap['AP'])} | {fmt(ap['AP50'])} | {fmt(ap['AP75'])} "
                      f"| {loss_text} |")
+    table = "\n".join(lines[2:]) + "\n"
     with open(os.path.join(output_dir, "convergence.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines[:2]) + "\n" + table)
+    return table
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -162,6 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="variants trained at a time, sharing the CPU cores")
     parser.add_argument("--variants", nargs="+", default=list(configs), choices=list(configs))
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--readme", default=None, metavar="FILE",
+                        help="also write the table between the convergence-table markers of FILE")
     parser.add_argument("--num-gpus", type=int, default=1)
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config overrides for every run, e.g. MODEL.DEVICE cuda")
@@ -189,7 +211,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     runs = {name: load_metrics(os.path.join(out, "metrics.json")) for name, out in outs.items()}
-    write_report(runs, args.output_dir, args.max_iter)
+    table = write_report(runs, args.output_dir, args.max_iter)
+    if args.readme:
+        update_readme(args.readme, table)
     logger.info("wrote %s", os.path.join(args.output_dir, "convergence.{png,md}"))
 
 
