@@ -85,6 +85,8 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **kwargs)
         self.arch = arch
         self._cleaned = False  # stale temporary files removed from save_dir
+        self._loading = "the checkpoint"  # the path being loaded, named in errors
+        self._matching_heuristics = False  # requested by the path being loaded
 
     def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
         """``DetectionCheckpointer.load``. As in current Detectron2,
@@ -128,7 +130,7 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             except ValueError as e:
                 raise ValueError(f"{filename}: {e}") from None
         loaded = loaded if "model" in loaded else {"model": loaded}
-        if getattr(self, "_matching_heuristics", False):
+        if self._matching_heuristics:
             loaded["matching_heuristics"] = True
         return loaded
 
@@ -148,7 +150,7 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             if _plain(recorded[k]) != _plain(self.arch[k])
         }
         if wrong:
-            source = getattr(self, "_loading", "the checkpoint")
+            source = self._loading
             listed = "; ".join(
                 f"{k} is {a!r} in the file, {b!r} in the config"
                 for k, (a, b) in sorted(wrong.items())
@@ -170,7 +172,7 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             for k, v in weights.items()
             if k in expected and hasattr(v, "shape") and tuple(v.shape) != tuple(expected[k].shape)
         }
-        source = getattr(self, "_loading", "the checkpoint")
+        source = self._loading
         head = {k: s for k, s in wrong.items() if k.startswith(CLASS_HEAD_PREFIX)}
         other = {k: s for k, s in wrong.items() if k not in head}
         if other:
