@@ -2,7 +2,7 @@
 """Train the full shapes model and each ablation with the same budget and seed, then compare
 how their AP grows.
 
-    python tools/convergence_study.py --output-dir output/convergence [--max-iter 4000] \\
+    python tools/convergence_study.py --output-dir output/convergence [--max-iter N] \\
         [--eval-period 500] [--jobs 2] [--variants full no_hw_modulation ...] \\
         [--opts MODEL.DEVICE cuda]
 
