@@ -72,7 +72,7 @@ def prepare_weights(variant: str, workdir: str, seed: int = 0) -> Dict[str, str]
     """
     import transformers
 
-    from dab_detr.convert import convert
+    from dab_detr.checkpoint import convert
 
     torch.manual_seed(seed)
     # dropout 0 as ours (MODEL.DAB_DETR.DROPOUT); auxiliary losses as ours (AUX_LOSS)
@@ -142,7 +142,7 @@ def _ours_step(case: Case, model: torch.nn.Module, pixels: torch.Tensor,
 
 def _transformers_step(case: Case, model: torch.nn.Module, pixels: torch.Tensor,
                        targets: Tuple[torch.Tensor, torch.Tensor]) -> Callable[[], None]:
-    from dab_detr.convert import coco_class_rows
+    from dab_detr.checkpoint import coco_class_rows
 
     mask = torch.ones(case.batch, case.height, case.width, dtype=torch.long,
                       device=case.device)

@@ -1,13 +1,37 @@
 """DAB-DETR as a Detectron2 project: ``import dab_detr`` registers the ``DABDETR``
-meta-architecture and exposes ``add_dab_detr_config``."""
+meta-architecture and its backbone, and exposes ``add_dab_detr_config``.
+
+Layout: ``layers`` (building blocks) and ``modeling`` (the models) are plain PyTorch and
+import without Detectron2; ``modeling.meta_arch``, ``config``, ``data``, ``engine`` and
+``checkpoint`` build on Detectron2.
+"""
+
+import importlib.util
 
 from ._compat import apply as _apply_compat
 
-_apply_compat()  # must run before the first import of detectron2
-
-from . import backbone  # noqa: E402, F401  (import registers build_dab_detr_resnet_backbone)
-from .config import add_dab_detr_config, get_dab_detr_cfg  # noqa: E402
-from .dab_detr import DABDETR  # noqa: E402  (import registers the meta-architecture)
-
 __all__ = ["DABDETR", "add_dab_detr_config", "get_dab_detr_cfg"]
 __version__ = "0.1.0"
+
+
+def _detectron2_installed() -> bool:
+    try:
+        return importlib.util.find_spec("detectron2") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+if _detectron2_installed():
+    _apply_compat()  # must run before the first import of detectron2
+    from .config import add_dab_detr_config, get_dab_detr_cfg
+    from .modeling.meta_arch import DABDETR  # import registers the meta-architecture
+else:
+
+    def __getattr__(name: str):
+        # dab_detr.layers and dab_detr.modeling work without Detectron2; the rest needs it
+        if name in __all__:
+            raise ImportError(
+                f"dab_detr.{name} needs Detectron2, which is not installed (see README.md, "
+                "'How Detectron2 gets installed')"
+            )
+        raise AttributeError(f"module 'dab_detr' has no attribute {name!r}")

@@ -67,6 +67,21 @@ def add_dab_detr_config(cfg: CN) -> None:
     d.SET_COST_BBOX = 5.0
     d.SET_COST_GIOU = 2.0
 
+    # DAB-Deformable-DETR (MODEL.META_ARCHITECTURE "DABDeformableDETR"): multi-scale deformable
+    # attention over the maps of MODEL.RESNETS.OUT_FEATURES (res3, res4, res5: strides 8-32),
+    # plus stride-2 3x3 convolutions on the last for the remaining levels. The keys above
+    # apply to it too (NUM_QUERIES, HIDDEN_DIM, the losses, ...); PE_TEMPERATURE_H/W are 10000
+    # in its configs, as in Deformable DETR.
+    d.DEFORMABLE = CN()
+    # Feature levels L (the backbone's maps and the extra ones).
+    d.DEFORMABLE.NUM_FEATURE_LEVELS = 4
+    # Sampling points per attention head and level, in the encoder and in the decoder.
+    d.DEFORMABLE.ENC_N_POINTS = 4
+    d.DEFORMABLE.DEC_N_POINTS = 4
+    # Two-stage: the top NUM_QUERIES encoder proposals become the anchors (and their sine
+    # embedding, projected, the content queries) instead of learned anchors.
+    d.DEFORMABLE.TWO_STAGE = False
+
     # Learning-rate factor of the backbone relative to SOLVER.BASE_LR.
     _C.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # "ADAMW" (the paper's optimizer) or "SGD".

@@ -33,7 +33,7 @@ from PIL import Image
 
 from dab_detr.data import register_builtin_datasets
 from dab_detr.data.images import read_image
-from dab_detr.predictor import build_predictor, setup_cfg
+from dab_detr.engine.predictor import build_predictor, setup_cfg
 
 logger = logging.getLogger("dab_detr.demo")
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dab_detr.attention import Attention, EncoderSelfAttention, key_padding_to_attn_mask
+from dab_detr.layers.attention import Attention, EncoderSelfAttention, key_padding_to_attn_mask
 
 B, NQ, NK, HEADS = 2, 5, 9, 4
 TOL = dict(rtol=0, atol=1e-5)

@@ -24,8 +24,8 @@ from conftest import SHAPES_CONFIG as CONFIG
 from conftest import SMALL, losses_by_iteration
 from dab_detr.data import generate_shapes_dataset
 from dab_detr.data.annotations import check_annotations
+from dab_detr.data.dataset_mapper import DabDetrDatasetMapper
 from dab_detr.data.images import UnreadableImageError
-from dab_detr.dataset_mapper import DabDetrDatasetMapper
 from dab_detr.engine import build_train_loader
 
 # isort: split

@@ -8,8 +8,8 @@ import math
 import torch
 from torchvision.ops import generalized_box_iou, generalized_box_iou_loss
 
-from dab_detr.box_ops import inverse_sigmoid
-from dab_detr.matcher import HungarianMatcher
+from dab_detr.layers.box_ops import inverse_sigmoid
+from dab_detr.modeling.matcher import HungarianMatcher
 
 
 def test_inverse_sigmoid_values():

@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from conftest import CONFIG_DIR, load_cfg
-from dab_detr.solver import build_optimizer
+from dab_detr.engine.optimizer import build_optimizer
 
 CONFIGS = sorted(
     os.path.relpath(p, CONFIG_DIR)

@@ -24,10 +24,14 @@ from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from detectron2.structures import Boxes, Instances
 
 from conftest import REFERENCE, REPO, config_path, load_cfg
-from dab_detr.backbone import build_dab_detr_resnet_backbone
-from dab_detr.checkpoint import UnsafeCheckpointError, load_state_dict_file
-from dab_detr.convert import coco_class_rows, convert
+from dab_detr.checkpoint import (
+    UnsafeCheckpointError,
+    coco_class_rows,
+    convert,
+    load_state_dict_file,
+)
 from dab_detr.convert import main as convert_main
+from dab_detr.modeling.meta_arch.backbone import build_dab_detr_resnet_backbone
 
 # family of official checkpoint -> configs whose models it must fill exactly
 OFFICIAL_CONFIGS = [

@@ -5,8 +5,8 @@ from typing import Dict, List
 
 import torch
 
-from dab_detr.criterion import SetCriterion
-from dab_detr.matcher import HungarianMatcher
+from dab_detr.modeling.criterion import SetCriterion
+from dab_detr.modeling.matcher import HungarianMatcher
 
 ALPHA, GAMMA = 0.25, 2.0
 

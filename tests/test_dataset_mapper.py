@@ -1,4 +1,4 @@
-"""Tests of ``dab_detr.dataset_mapper``: DETR's augmentation as a Detectron2 dataset mapper."""
+"""Tests of ``dab_detr.data.dataset_mapper``: DETR's augmentation as a Detectron2 dataset mapper."""
 
 import copy  # noqa: I001  (dab_detr must be imported before detectron2)
 import sys
@@ -14,7 +14,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from dab_detr.dataset_mapper import (
+from dab_detr.data.dataset_mapper import (
     DabDetrDatasetMapper,
     RandomSelect,
     build_dab_detr_augmentation,

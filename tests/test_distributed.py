@@ -20,7 +20,7 @@ from conftest import SHAPES_CONFIG as CONFIG
 from conftest import SMALL
 from dab_detr.config import get_dab_detr_cfg
 from dab_detr.data import ensure_builtin_dataset, register_builtin_datasets
-from dab_detr.dataset_mapper import DabDetrDatasetMapper
+from dab_detr.data.dataset_mapper import DabDetrDatasetMapper
 from dab_detr.engine import build_train_loader
 
 # isort: split

@@ -8,7 +8,7 @@ from detectron2.modeling import build_model
 from torchvision.ops import box_convert
 
 from conftest import config_path, load_cfg
-from dab_detr.convert import coco_class_rows, convert_transformers
+from dab_detr.checkpoint import coco_class_rows, convert_transformers
 from dab_detr.convert import main as convert_main
 
 transformers = pytest.importorskip("transformers")

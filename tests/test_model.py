@@ -12,10 +12,10 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from conftest import load_cfg
-from dab_detr.box_ops import inverse_sigmoid
-from dab_detr.decoder import TransformerDecoder
-from dab_detr.position_encoding import box_sine_embedding
-from dab_detr.solver import build_optimizer
+from dab_detr.engine.optimizer import build_optimizer
+from dab_detr.layers.box_ops import inverse_sigmoid
+from dab_detr.layers.position_encoding import box_sine_embedding
+from dab_detr.modeling.transformer.decoder import TransformerDecoder
 
 SHAPES = "quick_schedules/dab_detr_R_18_shapes.yaml"
 R50 = "COCO-Detection/dab_detr_R_50_50ep.yaml"
@@ -76,7 +76,7 @@ def test_spatial_query_modulation_by_reference_size():
     sine = box_sine_embedding(anchors, C // 2)
     for layer_id in (0, 1):
         decoder.ref_anchor_head = ConstantRefHead(0.2, 0.3)
-        base = decoder._spatial_query(sine, tgt, anchors, layer_id)
+        base = decoder.spatial_query(sine, tgt, anchors, layer_id)
         # channels [0, C/2) encode y (scaled by h_ref / h), [C/2, C) encode x (w_ref / w)
         content_scale = decoder.query_scale(tgt) if layer_id > 0 else 1.0
         modulation = torch.cat([(0.3 / anchors[..., 3:4]).expand(-1, -1, C // 2),
@@ -84,12 +84,12 @@ def test_spatial_query_modulation_by_reference_size():
         torch.testing.assert_close(base, sine[..., :C] * content_scale * modulation)
 
         decoder.ref_anchor_head = ConstantRefHead(0.4, 0.3)  # w_ref doubled
-        wide = decoder._spatial_query(sine, tgt, anchors, layer_id)
+        wide = decoder.spatial_query(sine, tgt, anchors, layer_id)
         torch.testing.assert_close(wide[..., C // 2 :], 2 * base[..., C // 2 :])
         torch.testing.assert_close(wide[..., : C // 2], base[..., : C // 2])
 
         decoder.ref_anchor_head = ConstantRefHead(0.2, 0.6)  # h_ref doubled
-        tall = decoder._spatial_query(sine, tgt, anchors, layer_id)
+        tall = decoder.spatial_query(sine, tgt, anchors, layer_id)
         torch.testing.assert_close(tall[..., : C // 2], 2 * base[..., : C // 2])
         torch.testing.assert_close(tall[..., C // 2 :], base[..., C // 2 :])
 
@@ -101,11 +101,11 @@ def test_spatial_query_modulation_by_anchor_size():
     decoder = _decoder()
     anchors, tgt = _anchors_and_content()
     for layer_id in (0, 1):
-        base = decoder._spatial_query(box_sine_embedding(anchors, C // 2), tgt, anchors, layer_id)
+        base = decoder.spatial_query(box_sine_embedding(anchors, C // 2), tgt, anchors, layer_id)
         for dim, changed in ((2, slice(C // 2, C)), (3, slice(0, C // 2))):
             half = anchors.clone()
             half[..., dim] /= 2
-            out = decoder._spatial_query(box_sine_embedding(half, C // 2), tgt, half, layer_id)
+            out = decoder.spatial_query(box_sine_embedding(half, C // 2), tgt, half, layer_id)
             other = slice(0, C // 2) if dim == 2 else slice(C // 2, C)
             torch.testing.assert_close(out[..., changed], 2 * base[..., changed])
             torch.testing.assert_close(out[..., other], base[..., other])
@@ -120,10 +120,10 @@ def test_spatial_query_without_modulation_ignores_size():
     resized[..., 2:] = torch.rand(2, 5, 2) * 0.5 + 0.1
     for layer_id in (0, 1):
         sine = box_sine_embedding(anchors, C // 2)
-        out = decoder._spatial_query(sine, tgt, anchors, layer_id)
+        out = decoder.spatial_query(sine, tgt, anchors, layer_id)
         content_scale = decoder.query_scale(tgt) if layer_id > 0 else 1.0
         torch.testing.assert_close(out, sine[..., :C] * content_scale)
-        out_resized = decoder._spatial_query(
+        out_resized = decoder.spatial_query(
             box_sine_embedding(resized, C // 2), tgt, resized, layer_id
         )
         torch.testing.assert_close(out_resized, out, rtol=0, atol=0)
@@ -144,13 +144,13 @@ def _run_decoder(decoder: TransformerDecoder, refpoints: torch.Tensor):
     """Decoder outputs and the anchors each layer received."""
     b, nq, _ = refpoints.shape
     seen = []
-    spatial_query = decoder._spatial_query
+    spatial_query = decoder.spatial_query
 
     def spy(sine_embed, tgt, anchors, layer_id):
         seen.append(anchors)
         return spatial_query(sine_embed, tgt, anchors, layer_id)
 
-    decoder._spatial_query = spy
+    decoder.spatial_query = spy
     hs, references = decoder(torch.zeros(b, nq, C), torch.randn(b, 6, C), torch.randn(b, 6, C),
                              refpoints, None)
     return hs, references, seen

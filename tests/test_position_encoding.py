@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from dab_detr.position_encoding import PositionEmbeddingSine, box_sine_embedding
+from dab_detr.layers.position_encoding import PositionEmbeddingSine, box_sine_embedding
 
 TWO_PI = 2 * math.pi
 

@@ -18,10 +18,10 @@ import torch
 import train_net
 from conftest import REFERENCE, REPO, SMALL, config_path, small_cfg
 from conftest import SHAPES_CONFIG as CONFIG
-from dab_detr.checkpointer import ARCH_KEY, DabDetrCheckpointer, architecture_record
+from dab_detr.checkpoint import ARCH_KEY, DabDetrCheckpointer, architecture_record
 from dab_detr.convert import main as convert_main
 from dab_detr.data import generate_shapes_dataset
-from dab_detr.dataset_mapper import DabDetrDatasetMapper
+from dab_detr.data.dataset_mapper import DabDetrDatasetMapper
 from dab_detr.engine import build_train_loader, restart_data_loader
 
 # isort: split

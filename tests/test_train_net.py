@@ -15,8 +15,7 @@ from PIL import Image
 import train_net
 from conftest import SHAPES_CONFIG as CONFIG
 from conftest import SMALL, losses_by_iteration, small_model
-from dab_detr.checkpointer import DabDetrCheckpointer
-from dab_detr.convert import convert_torchvision
+from dab_detr.checkpoint import DabDetrCheckpointer, convert_torchvision
 from dab_detr.data import generate_shapes_dataset, register_builtin_datasets
 
 # isort: split

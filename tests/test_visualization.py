@@ -1,6 +1,7 @@
-"""The mechanism pictures' numbers (dab_detr/visualization.py) and tools/plot_metrics.py: the
-positional attention of an anchor peaks at its centre and narrows with w_ref / w and with a
-lower temperature; a traced model's queries and maps are exactly what its decoder computed."""
+"""The mechanism pictures' numbers (dab_detr/modeling/transformer/mechanism.py) and
+tools/plot_metrics.py: the positional attention of an anchor peaks at its centre and narrows
+with w_ref / w and with a lower temperature; a traced model's queries and maps are exactly
+what its decoder computed."""
 
 import json
 import os
@@ -14,10 +15,10 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 from conftest import REPO, load_cfg
-from dab_detr.visualization import (
+from dab_detr.modeling.transformer import modulate_hw
+from dab_detr.modeling.transformer.mechanism import (
     image_position_keys,
     model_positional_maps,
-    modulate_hw,
     positional_attention_map,
     positional_query,
     sine_prior_map,

@@ -15,8 +15,8 @@
 
 The query is ``--query`` or, by default, the one with the highest score. A positional map is
 the softmax over the image of the positional term of the cross-attention logits alone (see
-dab_detr/visualization.py); it is evaluated on a ``--grid`` of positions (default 64 along
-the longer side; 0: exactly the feature-map tokens the model attends).
+dab_detr/modeling/transformer/mechanism.py); it is evaluated on a ``--grid`` of positions
+(default 64 along the longer side; 0: exactly the feature-map tokens the model attends).
 """
 
 import dab_detr  # noqa: F401  (first: prepares Detectron2's import, registers DABDETR)
@@ -42,8 +42,8 @@ from dab_detr.data import register_builtin_datasets  # noqa: E402
 from dab_detr.data.images import read_image  # noqa: E402
 
 # the demo's predictor: same weights loading and test-time preprocessing
-from dab_detr.predictor import build_predictor, setup_cfg  # noqa: E402
-from dab_detr.visualization import (  # noqa: E402
+from dab_detr.engine.predictor import build_predictor, setup_cfg  # noqa: E402
+from dab_detr.modeling.transformer.mechanism import (  # noqa: E402
     DecoderTrace,
     model_positional_maps,
     positional_query,

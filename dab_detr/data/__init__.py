@@ -1,6 +1,6 @@
-"""Datasets for DAB-DETR: the built-in synthetic ``dab_shapes`` detection dataset, COCO-format
-datasets named in the config, and the image reading and annotation checks every dataset goes
-through."""
+"""Data for DAB-DETR: the built-in synthetic ``dab_shapes`` detection dataset, COCO-format
+datasets named in the config, the training set of a config, the image reading and annotation
+checks every dataset goes through, and DETR's augmentation as a Detectron2 dataset mapper."""
 
 from .annotations import check_annotations
 from .builtin import (
@@ -13,18 +13,22 @@ from .builtin import (
     register_builtin_datasets,
 )
 from .coco import check_num_classes, register_coco_datasets
+from .dataset_mapper import DabDetrDatasetMapper
 from .images import UnreadableImageError, read_image
+from .train_dicts import load_train_dicts
 
 __all__ = [
     "BUILTIN_DATASETS",
     "CLASS_NAMES",
     "DATASET_VERSION",
+    "DabDetrDatasetMapper",
     "UnreadableImageError",
     "check_annotations",
     "default_datasets_root",
     "check_num_classes",
     "ensure_builtin_dataset",
     "generate_shapes_dataset",
+    "load_train_dicts",
     "read_image",
     "register_builtin_datasets",
     "register_coco_datasets",

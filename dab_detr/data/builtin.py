@@ -29,7 +29,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from PIL import Image, ImageDraw
 
-from ..file_io import atomic_write
+from ..utils.file_io import atomic_write
 
 logger = logging.getLogger(__name__)
 

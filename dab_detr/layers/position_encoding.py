@@ -8,10 +8,10 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["PositionEmbeddingSine", "box_sine_embedding"]
+__all__ = ["PositionEmbeddingSine", "box_sine_embedding", "sine_features"]
 
 
-def _sine_features(coords: torch.Tensor, num_pos_feats: int, temperature: float) -> torch.Tensor:
+def sine_features(coords: torch.Tensor, num_pos_feats: int, temperature: float) -> torch.Tensor:
     """Interleaved sin/cos features of scalar coordinates.
 
     Args:
@@ -42,6 +42,7 @@ class PositionEmbeddingSine(nn.Module):
         temperature_h: float = 20.0,
         temperature_w: float = 20.0,
         scale: float = 2 * math.pi,
+        offset: float = 0.0,
     ):
         """
         Args:
@@ -49,12 +50,15 @@ class PositionEmbeddingSine(nn.Module):
             temperature_h: temperature of the y encoding.
             temperature_w: temperature of the x encoding.
             scale: normalised positions in (0, 1] are multiplied by it.
+            offset: added to the pixel count before normalising: 0 encodes pixel k (from 1)
+                as k / n (DETR, DAB-DETR), -0.5 as its centre (k - 0.5) / n (Deformable DETR).
         """
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature_h = temperature_h
         self.temperature_w = temperature_w
         self.scale = scale
+        self.offset = offset
 
     def forward(self, mask: torch.Tensor) -> torch.Tensor:
         """
@@ -68,10 +72,10 @@ class PositionEmbeddingSine(nn.Module):
         y_embed = not_mask.cumsum(1, dtype=torch.float32)
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         eps = 1e-6
-        y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
-        x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
-        pos_y = _sine_features(y_embed, self.num_pos_feats, self.temperature_h)
-        pos_x = _sine_features(x_embed, self.num_pos_feats, self.temperature_w)
+        y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
+        x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
+        pos_y = sine_features(y_embed, self.num_pos_feats, self.temperature_h)
+        pos_x = sine_features(x_embed, self.num_pos_feats, self.temperature_w)
         # (B, H, W, 2 * num_pos_feats) -> (B, C, H, W)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
@@ -89,7 +93,7 @@ def box_sine_embedding(
     Returns:
         ``(..., D * num_pos_feats)``: ``cat(pos_y, pos_x[, pos_w, pos_h])``.
     """
-    embed = _sine_features(boxes * (2 * math.pi), num_pos_feats, temperature)  # (..., D, n)
+    embed = sine_features(boxes * (2 * math.pi), num_pos_feats, temperature)  # (..., D, n)
     # y before x, as the image encoding orders its channels
     order = [1, 0] + list(range(2, boxes.shape[-1]))
     return embed[..., order, :].flatten(-2)

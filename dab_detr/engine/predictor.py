@@ -14,9 +14,9 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from .checkpointer import DabDetrCheckpointer, architecture_record
-from .config import get_dab_detr_cfg
-from .data.images import read_image
+from ..checkpoint import DabDetrCheckpointer, architecture_record
+from ..config import get_dab_detr_cfg
+from ..data.images import read_image
 
 __all__ = ["build_predictor", "draw_detections", "setup_cfg"]
 

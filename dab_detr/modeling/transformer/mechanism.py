@@ -25,14 +25,14 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .position_encoding import PositionEmbeddingSine, box_sine_embedding
+from ...layers import PositionEmbeddingSine, box_sine_embedding
+from .decoder import modulate_hw
 
 __all__ = [
     "DecoderTrace",
     "PositionalQuery",
     "image_position_keys",
     "model_positional_maps",
-    "modulate_hw",
     "positional_attention_map",
     "positional_query",
     "sine_prior_map",
@@ -61,21 +61,6 @@ def positional_attention_map(
     k = pos_keys.unflatten(-1, (nheads, c // nheads))  # (HW, h, C/h)
     logits = torch.einsum("...hd,nhd->...hn", q, k) * (2 * c / nheads) ** -0.5
     return logits.softmax(-1) if softmax else logits
-
-
-def modulate_hw(sine: torch.Tensor, modulation: Optional[torch.Tensor]) -> torch.Tensor:
-    """Scale the y half of a (y, x) sine embedding by ``h_ref / h`` and the x half by
-    ``w_ref / w``.
-
-    Args:
-        sine: ``(..., C)``: channels ``[0, C/2)`` encode y, ``[C/2, C)`` encode x.
-        modulation: ``(..., 2)`` ``(w_ref / w, h_ref / h)``, or None (returns ``sine``).
-    """
-    if modulation is None:
-        return sine
-    half = sine.shape[-1] // 2
-    y, x = sine[..., :half], sine[..., half:]
-    return torch.cat([y * modulation[..., 1:2], x * modulation[..., 0:1]], -1)
 
 
 def image_position_keys(
@@ -219,13 +204,9 @@ def positional_query(
     """
     anchor = trace.anchors[layer, query]
     content = trace.content[layer, query]
-    c = decoder.d_model
-    sine = box_sine_embedding(anchor, c // 2)[:c]  # the (y, x) part
-    if layer > 0:  # the first layer uses the embedding as it is
-        sine = sine * decoder.query_scale(content)
-    modulation = None
-    if decoder.ref_anchor_head is not None:
-        modulation = decoder.ref_anchor_head(content).sigmoid() / anchor[2:4]
+    sine_embed = box_sine_embedding(anchor, decoder.d_model // 2)
+    # the decoder's own function, so the pictures show what the model computes
+    sine, modulation = decoder.spatial_query_parts(sine_embed, content, anchor, layer)
     return PositionalQuery(anchor, sine, modulation, trace.spatial[layer, query])
 
 

@@ -1,5 +1,5 @@
-"""DAB-DETR's transformer: a DETR encoder whose positions are scaled by the content, and the
-anchor-box decoder of ``decoder.py``.
+"""DAB-DETR's transformer: the encoder of ``encoder.py`` over the image tokens, then the
+anchor-box decoder of ``decoder.py`` over the queries (anchors, with their content patterns).
 
 Shapes: B batch, C channels (d_model), H x W feature map, HW = H * W tokens, Q anchors,
 P patterns, NQ = Q * max(P, 1) decoder queries, D anchor dims (4: cxcywh, 2: cxcy),
@@ -9,62 +9,13 @@ L decoder layers. Anchors and boxes are normalised to [0, 1].
 from typing import Optional, Tuple, Type
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import EncoderSelfAttention, key_padding_to_attn_mask
+from ...layers import key_padding_to_attn_mask
 from .decoder import TransformerDecoder
-from .mlp import MLP
+from .encoder import TransformerEncoder, TransformerEncoderLayer
 
-__all__ = ["DABTransformer", "TransformerEncoder", "TransformerEncoderLayer"]
-
-
-class TransformerEncoderLayer(nn.Module):
-    """Post-norm encoder layer: self-attention with positions on queries and keys, then FFN."""
-
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int,
-        dropout: float,
-        activation: Type[nn.Module],
-    ):
-        super().__init__()
-        self.self_attn = EncoderSelfAttention(d_model, nhead, dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.activation = activation()
-        self.dropout = dropout
-
-    def forward(
-        self, src: torch.Tensor, pos: torch.Tensor, attn_mask: Optional[torch.Tensor]
-    ) -> torch.Tensor:
-        """``src``, ``pos``: ``(B, HW, C)``; ``attn_mask``: ``(B, 1, 1, HW)``. Returns
-        ``(B, HW, C)``."""
-        p = self.dropout if self.training else 0.0
-        src = self.norm1(src + F.dropout(self.self_attn(src, pos, attn_mask), p))
-        ffn = self.linear2(F.dropout(self.activation(self.linear1(src)), p))
-        return self.norm2(src + F.dropout(ffn, p))
-
-
-class TransformerEncoder(nn.Module):
-    """Encoder whose position encoding is scaled, per layer, by an MLP of the current tokens."""
-
-    def __init__(self, layers: nn.ModuleList, d_model: int):
-        super().__init__()
-        self.layers = layers
-        self.query_scale = MLP(d_model, d_model, d_model, 2)
-
-    def forward(
-        self, src: torch.Tensor, pos: torch.Tensor, attn_mask: Optional[torch.Tensor]
-    ) -> torch.Tensor:
-        """``src``, ``pos``: ``(B, HW, C)``. Returns the memory, ``(B, HW, C)``."""
-        for layer in self.layers:
-            src = layer(src, pos * self.query_scale(src), attn_mask)
-        return src
+__all__ = ["DABTransformer"]
 
 
 class DABTransformer(nn.Module):

@@ -1,10 +1,10 @@
-"""The MLP used by DAB-DETR's heads: linear layers with ReLU in between."""
+"""The MLP of the heads (linear layers with ReLU in between) and the transformer layers' FFN."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "post_norm_ffn"]
 
 
 class MLP(nn.Module):
@@ -20,3 +20,18 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
         return x
+
+
+def post_norm_ffn(
+    x: torch.Tensor,
+    linear1: nn.Linear,
+    linear2: nn.Linear,
+    activation: nn.Module,
+    norm: nn.LayerNorm,
+    dropout: float,
+) -> torch.Tensor:
+    """``norm(x + linear2(activation(linear1(x))))`` with dropout after the activation and on
+    the residual branch: the FFN of every DETR-style transformer layer (the layers own the
+    modules, so that their names are the official checkpoints')."""
+    ffn = linear2(F.dropout(activation(linear1(x)), dropout))
+    return norm(x + F.dropout(ffn, dropout))

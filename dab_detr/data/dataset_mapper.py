@@ -27,7 +27,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
-from .data.images import UnreadableImageError, read_image
+from .images import UnreadableImageError, read_image
 
 __all__ = ["DabDetrDatasetMapper", "RandomSelect", "build_dab_detr_augmentation"]
 

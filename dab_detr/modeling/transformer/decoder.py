@@ -15,12 +15,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention
-from .box_ops import inverse_sigmoid
-from .mlp import MLP
-from .position_encoding import box_sine_embedding
+from ...layers import MLP, Attention, box_sine_embedding, post_norm_ffn, refine_boxes
 
-__all__ = ["TransformerDecoder", "TransformerDecoderLayer"]
+__all__ = ["TransformerDecoder", "TransformerDecoderLayer", "modulate_hw"]
+
+
+def modulate_hw(sine: torch.Tensor, modulation: Optional[torch.Tensor]) -> torch.Tensor:
+    """The width/height modulation of the positional attention (paper Sec. 4.3, Eq. 6): scale
+    the y half of a (y, x) sine embedding by ``h_ref / h`` and the x half by ``w_ref / w``.
+
+    Args:
+        sine: ``(..., C)``: channels ``[0, C/2)`` encode y, ``[C/2, C)`` encode x.
+        modulation: ``(..., 2)`` ``(w_ref / w, h_ref / h)``, or None (returns ``sine``).
+
+    Returns:
+        ``(..., C)``.
+    """
+    if modulation is None:
+        return sine
+    half = sine.shape[-1] // 2
+    y, x = sine[..., :half], sine[..., half:]
+    return torch.cat([y * modulation[..., 1:2], x * modulation[..., 0:1]], -1)
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -110,8 +125,7 @@ class TransformerDecoderLayer(nn.Module):
         )
         tgt = self.norm2(tgt + F.dropout(attn, p))
 
-        ffn = self.linear2(F.dropout(self.activation(self.linear1(tgt)), p))
-        return self.norm3(tgt + F.dropout(ffn, p))
+        return post_norm_ffn(tgt, self.linear1, self.linear2, self.activation, self.norm3, p)
 
 
 class TransformerDecoder(nn.Module):
@@ -162,24 +176,36 @@ class TransformerDecoder(nn.Module):
             return self.bbox_embed[layer_id]
         return self.bbox_embed
 
-    def _spatial_query(
+    def spatial_query_parts(
+        self, sine_embed: torch.Tensor, tgt: torch.Tensor, anchors: torch.Tensor, layer_id: int
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The two factors of a layer's spatial query (paper Sec. 4.2 and 4.3).
+
+        Args:
+            sine_embed: ``(..., D * C / 2)`` sine embedding of the anchors (y, x first).
+            tgt: ``(..., C)`` content queries entering the layer.
+            anchors: ``(..., D)`` the anchors the layer uses.
+            layer_id: the layer; the first uses the embedding without ``query_scale``.
+
+        Returns:
+            sine: ``(..., C)`` the (y, x) embedding times ``query_scale(tgt)`` after layer 0.
+            modulation: ``(..., 2)`` ``(w_ref / w, h_ref / h)``, or None without
+                ``modulate_hw_attn``. The layer's query is ``modulate_hw(sine, modulation)``.
+        """
+        sine = sine_embed[..., : self.d_model]
+        if layer_id > 0:  # the first layer uses the embedding as it is
+            sine = sine * self.query_scale(tgt)
+        if self.ref_anchor_head is None:
+            return sine, None
+        ref_wh = self.ref_anchor_head(tgt).sigmoid()  # (..., 2): (w_ref, h_ref)
+        return sine, ref_wh / anchors[..., 2:4]
+
+    def spatial_query(
         self, sine_embed: torch.Tensor, tgt: torch.Tensor, anchors: torch.Tensor, layer_id: int
     ) -> torch.Tensor:
-        """(y, x) part of the anchors' sine embedding, scaled by the content and modulated by
-        the anchor size. ``sine_embed``: ``(B, NQ, D * C / 2)``; returns ``(B, NQ, C)``."""
-        c = self.d_model
-        spatial = sine_embed[..., :c]
-        if layer_id > 0:  # the first layer uses the embedding as it is
-            spatial = spatial * self.query_scale(tgt)
-        if self.ref_anchor_head is not None:
-            ref_wh = self.ref_anchor_head(tgt).sigmoid()  # (B, NQ, 2): (w_ref, h_ref)
-            # channels [0, C/2) encode y, [C/2, C) encode x
-            scale_y = (ref_wh[..., 1] / anchors[..., 3]).unsqueeze(-1)
-            scale_x = (ref_wh[..., 0] / anchors[..., 2]).unsqueeze(-1)
-            spatial = torch.cat(
-                [spatial[..., : c // 2] * scale_y, spatial[..., c // 2 :] * scale_x], -1
-            )
-        return spatial
+        """``(..., C)`` the modulated spatial query of a layer: arguments as for
+        :meth:`spatial_query_parts`."""
+        return modulate_hw(*self.spatial_query_parts(sine_embed, tgt, anchors, layer_id))
 
     def forward(
         self,
@@ -210,13 +236,12 @@ class TransformerDecoder(nn.Module):
             if sine_embed is None or self.bbox_embed is not None:
                 sine_embed = box_sine_embedding(anchors, self.d_model // 2)
                 query_pos = self.ref_point_head(sine_embed)
-            spatial = self._spatial_query(sine_embed, tgt, anchors, layer_id)
+            spatial = self.spatial_query(sine_embed, tgt, anchors, layer_id)
             tgt = layer(tgt, memory, pos, query_pos, spatial, memory_mask)
             # no layer uses anchors refined after the last one
             if self.bbox_embed is not None and layer_id < len(self.layers) - 1:
                 delta = self._box_head(layer_id)(tgt)  # refined from the un-normed output
-                d = self.query_dim
-                new_anchors = (delta[..., :d] + inverse_sigmoid(anchors)).sigmoid()
+                new_anchors = refine_boxes(anchors, delta[..., : self.query_dim])
                 references.append(new_anchors)
                 # gradients reach a layer's anchors only through that layer's predictions
                 anchors = new_anchors.detach()

@@ -4,16 +4,17 @@
 
 - reads weight files without running code from them: ``.pth`` through torch's weights-only
   loader, Detectron2's ``.pkl`` model-zoo files through an unpickler restricted to numpy arrays
-  and plain containers (:mod:`dab_detr.checkpoint`);
+  and plain containers (:mod:`dab_detr.checkpoint.safe_load`);
 - drops the class head, with a warning, when the checkpoint has another class count
   (fine-tuning a COCO model on a dataset of its own), and refuses any other shape mismatch
   with an error naming the parameters, instead of silently training them from scratch;
 - saves atomically: a checkpoint is written to a temporary file and renamed, and so is the
   ``last_checkpoint`` tag, so a run killed while saving keeps the previous checkpoint and tag;
 - records the architecture settings that leave every tensor shape unchanged (DC5 or not, the
-  position-encoding temperatures, ...) under ``"dab_detr_arch"`` in what it saves, and refuses
-  a file whose record disagrees with the model's config, naming the setting, where loading it
-  would otherwise succeed and compute something else. Files without the record load as before.
+  position-encoding temperatures, ...: :mod:`dab_detr.checkpoint.arch_record`) in what it
+  saves, and refuses a file whose record disagrees with the model's config, naming the
+  setting, where loading it would otherwise succeed and compute something else. Files without
+  the record load as before.
 """
 
 import os
@@ -22,46 +23,15 @@ from urllib.parse import parse_qs
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode
 
-from .checkpoint import load_restricted_pickle, load_state_dict_file
-from .convert import convert_torchvision
-from .file_io import atomic_write, remove_stale_temporaries
+from ..utils.file_io import atomic_write, remove_stale_temporaries
+from .arch_record import ARCH_KEY, plain
+from .conversion import convert_torchvision
+from .safe_load import load_restricted_pickle, load_state_dict_file
 
-__all__ = ["ARCH_KEY", "CLASS_HEAD_PREFIX", "DabDetrCheckpointer", "architecture_record"]
+__all__ = ["CLASS_HEAD_PREFIX", "DabDetrCheckpointer"]
 
 CLASS_HEAD_PREFIX = "class_embed."
-# Checkpoint entry holding architecture_record(cfg) of the model the weights belong to.
-ARCH_KEY = "dab_detr_arch"
-# Config keys that change what the model computes but no tensor shape: a checkpoint of
-# another value loads without error and gives wrong results, so they are recorded and compared.
-ARCH_KEYS = (
-    "MODEL.RESNETS.RES5_DILATION",  # 2: DC5
-    "MODEL.RESNETS.STRIDE_IN_1X1",
-    "MODEL.DAB_DETR.PE_TEMPERATURE_H",
-    "MODEL.DAB_DETR.PE_TEMPERATURE_W",
-    "MODEL.DAB_DETR.NHEADS",
-    "MODEL.DAB_DETR.ACTIVATION",
-    "MODEL.DAB_DETR.MODULATE_HW_ATTN",
-    "MODEL.DAB_DETR.ITER_UPDATE",
-    "MODEL.DAB_DETR.KEEP_QUERY_POS",
-    "MODEL.PIXEL_MEAN",
-    "MODEL.PIXEL_STD",
-    "INPUT.FORMAT",
-)
-
-
-def architecture_record(cfg: CfgNode) -> Dict[str, Any]:
-    """``{config key: value}`` of :data:`ARCH_KEYS` in ``cfg`` (tuples as lists)."""
-    record = {}
-    for key in ARCH_KEYS:
-        node = cfg
-        for part in key.split("."):
-            node = node[part]
-        record[key] = _plain(node)
-    return record
-
-
 class DabDetrCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with safe loading, class-head replacement, atomic saves and
     an architecture record."""
@@ -147,7 +117,7 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         wrong = {
             k: (recorded[k], self.arch[k])
             for k in recorded.keys() & self.arch.keys()
-            if _plain(recorded[k]) != _plain(self.arch[k])
+            if plain(recorded[k]) != plain(self.arch[k])
         }
         if wrong:
             source = self._loading
@@ -228,8 +198,3 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             return super().tag_last_checkpoint(last_filename_basename)
         tag = os.path.join(self.save_dir, "last_checkpoint")
         atomic_write(tag, lambda f: f.write(last_filename_basename.encode()))
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists, so that a record read back from a file compares equal."""
-    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,34 @@
+"""Weights in and out: weight files read without running code from them, the architecture
+record saved beside the weights, the Detectron2 checkpointer, and conversion of released
+checkpoints (``python -m dab_detr.convert``)."""
+
+from .arch_record import ARCH_KEY, ARCH_KEYS, architecture_record
+from .checkpointer import CLASS_HEAD_PREFIX, DabDetrCheckpointer
+from .conversion import (
+    CONVERTERS,
+    check_against_config,
+    coco_class_rows,
+    convert,
+    convert_official,
+    convert_torchvision,
+    convert_transformers,
+)
+from .safe_load import UnsafeCheckpointError, load_restricted_pickle, load_state_dict_file
+
+__all__ = [
+    "ARCH_KEY",
+    "ARCH_KEYS",
+    "CLASS_HEAD_PREFIX",
+    "CONVERTERS",
+    "DabDetrCheckpointer",
+    "UnsafeCheckpointError",
+    "architecture_record",
+    "check_against_config",
+    "coco_class_rows",
+    "convert",
+    "convert_official",
+    "convert_torchvision",
+    "convert_transformers",
+    "load_restricted_pickle",
+    "load_state_dict_file",
+]

@@ -1,0 +1,194 @@
+"""Multi-scale deformable attention (Deformable DETR, Zhu et al., ICLR 2021), in pure PyTorch.
+
+Each query attends, in each head and at each feature level, to a few points sampled
+bilinearly around a reference point, at offsets predicted from the query, and averages them
+with weights also predicted from the query (softmax over levels and points together).
+``multi_scale_deformable_attention`` is the sampling and weighting step: the one function that
+a fused GPU kernel could replace. ``MSDeformAttn`` adds the projections; its submodules are
+named as in the official implementation so that official checkpoints load by name.
+
+Shapes: B batch, Q queries, C channels (d_model), h heads, d = C / h channels per head,
+L levels, P sampling points per head and level, H_l x W_l the size of level l,
+S = sum_l H_l * W_l tokens, flattened level by level, each level row-major.
+Locations are normalised (x, y): (0, 0) the top-left corner of a map, (1, 1) its
+bottom-right corner (padding area included).
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MSDeformAttn", "multi_scale_deformable_attention"]
+
+
+def multi_scale_deformable_attention(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Weighted sum of values sampled bilinearly at the given locations, level by level.
+
+    The semantics of Deformable DETR's ``ms_deform_attn_core_pytorch`` (and of its CUDA
+    kernel): ``F.grid_sample`` with ``align_corners=False``, so that location ``x`` falls on
+    pixel coordinate ``x * W_l - 0.5``, and zeros outside the map. One ``grid_sample`` per
+    level covers all batch items, heads, queries and points.
+
+    Args:
+        value: ``(B, S, h, d)``, the tokens of all levels.
+        spatial_shapes: ``(L, 2)`` long, ``(H_l, W_l)`` per level.
+        sampling_locations: ``(B, Q, h, L, P, 2)``, normalised ``(x, y)``, usually in [0, 1];
+            points outside sample zeros there.
+        attention_weights: ``(B, Q, h, L, P)``, already normalised (softmax over L * P).
+
+    Returns:
+        ``(B, Q, h * d)``: the heads' outputs concatenated.
+    """
+    b, s, n_heads, d = value.shape
+    _, q, _, n_levels, n_points, _ = sampling_locations.shape
+    # grid_sample needs the sizes as Python ints (a device sync when the shapes live on GPU)
+    shapes = [(int(hl), int(wl)) for hl, wl in spatial_shapes.tolist()]
+    sizes = [hl * wl for hl, wl in shapes]
+    if sum(sizes) != s:
+        raise ValueError(f"spatial_shapes {shapes} make {sum(sizes)} tokens, value has {s}")
+    # (B, S, h, d) -> L x (B, H_l * W_l, h, d)
+    value_per_level = value.split(sizes, dim=1)
+    # grid_sample's grid spans [-1, 1] over the map
+    grids = 2 * sampling_locations - 1
+    sampled = []
+    for level, (hl, wl) in enumerate(shapes):
+        # (B, H_l * W_l, h, d) -> (B, h, d, H_l * W_l) -> (B * h, d, H_l, W_l): heads join the
+        # batch, tokens become a row-major image
+        v = value_per_level[level].permute(0, 2, 3, 1).reshape(b * n_heads, d, hl, wl)
+        # (B, Q, h, P, 2) -> (B, h, Q, P, 2) -> (B * h, Q, P, 2): the same batch order as v
+        grid = grids[:, :, :, level].transpose(1, 2).reshape(b * n_heads, q, n_points, 2)
+        # (B * h, d, Q, P)
+        sampled.append(
+            F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
+    # L x (B * h, d, Q, P) -> (B * h, d, Q, L, P) -> (B * h, d, Q, L * P)
+    sampled_values = torch.stack(sampled, dim=3).flatten(3)
+    # (B, Q, h, L, P) -> (B, h, Q, L, P) -> (B * h, Q, L * P)
+    weights = attention_weights.transpose(1, 2).reshape(b * n_heads, q, n_levels * n_points)
+    # sum over L * P: (B * h, d, Q)
+    output = torch.einsum("ndqk,nqk->ndq", sampled_values, weights)
+    # (B * h, d, Q) -> (B, h * d, Q) -> (B, Q, h * d)
+    return output.reshape(b, n_heads * d, q).transpose(1, 2).contiguous()
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention with its projections.
+
+    Args:
+        d_model: C, the query and input width; divisible by ``n_heads``.
+        n_levels: L, the number of feature levels.
+        n_heads: h, the number of heads.
+        n_points: P, the sampling points per head and level.
+    """
+
+    def __init__(
+        self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """The official initialisation: before training, head k samples along direction
+        ``2 pi k / h``, point i at ``i + 1`` steps (a step being one pixel of each level for
+        2-d references), and all points weigh the same."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        # (h, 2) directions, scaled so that their largest component is +-1 (a square's edge)
+        directions = torch.stack([thetas.cos(), thetas.sin()], dim=-1)
+        directions = directions / directions.abs().max(dim=-1, keepdim=True).values
+        steps = torch.arange(1, self.n_points + 1, dtype=torch.float32)
+        # (h, 1, 1, 2) * (P, 1) -> (h, 1, P, 2) -> (h, L, P, 2): the layout of forward's view
+        grid = (directions[:, None, None, :] * steps[:, None]).repeat(1, self.n_levels, 1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        input_flatten: torch.Tensor,
+        input_spatial_shapes: torch.Tensor,
+        input_level_start_index: torch.Tensor,
+        input_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Attend from each query to points around its reference in every level.
+
+        Args:
+            query: ``(B, Q, C)``, with its positional embedding already added.
+            reference_points: ``(B, Q, L, 2)``, normalised ``(x, y)`` points, offsets being
+                measured in pixels of each level; or ``(B, Q, L, 4)``, normalised ``cxcywh``
+                boxes, offsets being measured in fractions of the box (P steps span half
+                its width or height).
+            input_flatten: ``(B, S, C)``, the tokens of all levels.
+            input_spatial_shapes: ``(L, 2)`` long, ``(H_l, W_l)`` per level.
+            input_level_start_index: ``(L,)`` long, the index of each level's first token.
+                The PyTorch path derives the split from ``input_spatial_shapes``; the
+                argument keeps the official signature, which fused kernels take.
+            input_padding_mask: ``(B, S)`` bool, True at padding tokens, or None.
+
+        Returns:
+            ``(B, Q, C)``.
+
+        Raises:
+            ValueError: if the last dimension of ``reference_points`` is not 2 or 4.
+        """
+        b, q, _ = query.shape
+        s = input_flatten.shape[1]
+        h, n_levels, n_points = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            # padding tokens contribute zeros, as if they lay outside the map
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        # (B, S, C) -> (B, S, h, d)
+        value = value.view(b, s, h, self.d_model // h)
+        # (B, Q, h * L * P * 2) -> (B, Q, h, L, P, 2)
+        offsets = self.sampling_offsets(query).view(b, q, h, n_levels, n_points, 2)
+        # (B, Q, h * L * P) -> (B, Q, h, L * P): one softmax over all levels and points
+        weights = self.attention_weights(query).view(b, q, h, n_levels * n_points)
+        # (B, Q, h, L * P) -> (B, Q, h, L, P)
+        weights = weights.softmax(dim=-1).view(b, q, h, n_levels, n_points)
+        if reference_points.shape[-1] == 2:
+            # (L, 2) (H_l, W_l) -> (W_l, H_l), the (x, y) order of the offsets
+            normalizer = input_spatial_shapes.flip(-1).to(offsets.dtype)
+            # (B, Q, L, 2) -> (B, Q, 1, L, 1, 2) + (B, Q, h, L, P, 2) / (1, 1, 1, L, 1, 2)
+            locations = (
+                reference_points[:, :, None, :, None, :]
+                + offsets / normalizer[None, None, None, :, None, :]
+            )
+        elif reference_points.shape[-1] == 4:
+            # (B, Q, L, 4) -> (B, Q, 1, L, 1, 4): centre plus offsets scaled by the half-size
+            boxes = reference_points[:, :, None, :, None, :]
+            locations = boxes[..., :2] + offsets / n_points * boxes[..., 2:] * 0.5
+        else:
+            raise ValueError(
+                "the last dimension of reference_points must be 2 (points) or 4 (boxes), "
+                f"got {reference_points.shape[-1]}"
+            )
+        output = multi_scale_deformable_attention(
+            value, input_spatial_shapes, locations, weights
+        )
+        return self.output_proj(output)

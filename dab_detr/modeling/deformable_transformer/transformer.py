@@ -1,0 +1,145 @@
+"""DAB-Deformable-DETR's transformer: the multi-scale maps flattened into one token sequence,
+the deformable encoder over it, and the anchor-box decoder; two-stage, the encoder proposes
+the anchors.
+
+Shapes: B batch, L levels of H_l x W_l, S = sum H_l * W_l tokens (level-major, row-major),
+C channels, NQ queries, N decoder layers. Boxes are cxcywh normalised by each image's
+(unpadded) size.
+"""
+
+from typing import Dict, List, Optional, Type
+
+import torch
+from torch import nn
+
+from ...layers import MSDeformAttn
+from .decoder import DABDeformableDecoder, DeformableDecoderLayer
+from .encoder import DeformableEncoder, DeformableEncoderLayer, valid_ratios
+from .two_stage import EncoderProposals
+
+__all__ = ["DABDeformableTransformer"]
+
+
+class DABDeformableTransformer(nn.Module):
+    """Deformable encoder and anchor-box decoder over multi-scale maps."""
+
+    def __init__(
+        self,
+        bbox_embed: nn.ModuleList,
+        d_model: int = 256,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.0,
+        activation: Type[nn.Module] = nn.ReLU,
+        num_feature_levels: int = 4,
+        enc_n_points: int = 4,
+        dec_n_points: int = 4,
+        two_stage_num_proposals: int = 0,
+    ):
+        """
+        Args:
+            bbox_embed: one box head per decoder layer, owned by the detector and shared with
+                the decoder, which refines the anchors with them.
+            d_model, nhead, dim_feedforward, dropout: width, heads, FFN width, dropout.
+            num_encoder_layers, num_decoder_layers: depths.
+            activation: FFN activation class.
+            num_feature_levels: L.
+            enc_n_points, dec_n_points: sampling points per head and level.
+            two_stage_num_proposals: 0 for the one-stage model (the detector gives the
+                anchors); K > 0 for the two-stage model (the top-K encoder proposals).
+        """
+        super().__init__()
+        self.d_model = d_model
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        self.encoder = DeformableEncoder(nn.ModuleList(
+            DeformableEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
+                                   num_feature_levels, enc_n_points)
+            for _ in range(num_encoder_layers)
+        ))
+        self.decoder = DABDeformableDecoder(
+            nn.ModuleList(
+                DeformableDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
+                                       num_feature_levels, dec_n_points)
+                for _ in range(num_decoder_layers)
+            ),
+            d_model,
+            bbox_embed,
+        )
+        self.proposals = (
+            EncoderProposals(d_model, two_stage_num_proposals)
+            if two_stage_num_proposals > 0 else None
+        )
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # As Deformable DETR: Xavier for every matrix of the transformer (the box heads, owned
+        # by the detector, keep theirs), then the deformable attentions' own initialisation,
+        # and N(0, 1) level embeddings.
+        for name, p in self.named_parameters():
+            if p.dim() > 1 and not name.startswith("decoder.bbox_embed."):
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m._reset_parameters()
+        nn.init.normal_(self.level_embed)
+
+    def forward(
+        self,
+        srcs: List[torch.Tensor],
+        masks: List[torch.Tensor],
+        pos_embeds: List[torch.Tensor],
+        tgt: Optional[torch.Tensor] = None,
+        anchors: Optional[torch.Tensor] = None,
+        enc_heads: Optional[List[nn.Module]] = None,
+        self_attn_mask: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            srcs: L maps ``(B, C, H_l, W_l)``.
+            masks: L masks ``(B, H_l, W_l)`` bool, True at padding.
+            pos_embeds: L position encodings ``(B, C, H_l, W_l)``.
+            tgt: ``(B, NQ, C)`` content queries (one-stage), or None (two-stage).
+            anchors: ``(B, NQ, 4)`` initial anchors in [0, 1] (one-stage), or None.
+            enc_heads: two-stage: ``[class head, box head]`` that score and refine the
+                encoder's proposals.
+            self_attn_mask: decoder self-attention mask (see ``DeformableDecoderLayer``).
+
+        Returns:
+            ``hs`` ``(N, B, NQ, C)``, ``boxes`` ``(N, B, NQ, 4)`` (every layer's refined
+            anchors), ``references`` ``(N, B, NQ, 4)`` (the anchors each layer used), and
+            two-stage ``enc_logits`` ``(B, S, K_cls)`` and ``enc_boxes`` ``(B, S, 4)``.
+        """
+        flat_src, flat_mask, flat_pos, shapes = [], [], [], []
+        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
+            shapes.append(src.shape[-2:])
+            # (B, C, H, W) -> (B, HW, C), tokens in row-major order
+            flat_src.append(src.flatten(2).transpose(1, 2))
+            flat_mask.append(mask.flatten(1))
+            flat_pos.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl])
+        src = torch.cat(flat_src, 1)  # (B, S, C)
+        mask = torch.cat(flat_mask, 1)  # (B, S)
+        pos = torch.cat(flat_pos, 1)
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
+        # (L,) index of each level's first token
+        level_start_index = torch.cat(
+            (spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1])
+        )
+        ratios = torch.stack([valid_ratios(m, src.dtype) for m in masks], 1)  # (B, L, 2)
+        memory = self.encoder(src, pos, spatial_shapes, level_start_index, ratios, mask)
+
+        out: Dict[str, torch.Tensor] = {}
+        if self.proposals is not None:
+            if enc_heads is None:
+                raise ValueError("the two-stage transformer needs enc_heads")
+            tgt, anchors, out["enc_logits"], out["enc_boxes"] = self.proposals(
+                memory, mask, spatial_shapes, *enc_heads
+            )
+        elif tgt is None or anchors is None:
+            raise ValueError("the one-stage transformer needs tgt and anchors")
+        out["hs"], out["boxes"], out["references"] = self.decoder(
+            tgt, anchors, memory, spatial_shapes, level_start_index, ratios, mask,
+            self_attn_mask,
+        )
+        return out

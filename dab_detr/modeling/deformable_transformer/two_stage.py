@@ -1,0 +1,109 @@
+"""Two-stage DAB-Deformable-DETR: the encoder proposes the decoder's anchors.
+
+Every encoder token gets a proposal box (Deformable DETR, Zhu et al., ICLR 2021, Sec. 4.2 and
+``gen_encoder_output_proposals``): centred on the token, of side ``0.05 * 2^l`` on level l;
+the encoder's class head scores it (class-agnostic in training) and its box head refines it.
+The top-k become the decoder's anchors (detached), and the sine embedding of each, projected,
+its content query.
+
+Shapes: B batch, S tokens over L levels, C channels, K proposals kept.
+"""
+
+import math
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from ...layers import sine_features
+
+__all__ = ["EncoderProposals", "encoder_output_proposals"]
+
+
+def encoder_output_proposals(
+    memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One proposal per token, in inverse-sigmoid space.
+
+    Args:
+        memory: ``(B, S, C)`` encoder output.
+        padding_mask: ``(B, S)`` bool, True at padding.
+        spatial_shapes: ``(L, 2)`` ``(H_l, W_l)``.
+
+    Returns:
+        memory: ``(B, S, C)`` the memory, zero at padding and at invalid proposals.
+        proposals: ``(B, S, 4)`` cxcywh proposals before the sigmoid (centre of the token in
+            the image's unpadded extent, side ``0.05 * 2^l``); ``inf`` at padding and where a
+            coordinate is within 0.01 of the border, so that they are never selected.
+    """
+    b = memory.shape[0]
+    proposals, start = [], 0
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        mask = padding_mask[:, start : start + h * w].view(b, h, w)
+        valid_h = (~mask[:, :, 0]).sum(1)
+        valid_w = (~mask[:, 0, :]).sum(1)
+        ys = torch.linspace(0, h - 1, h, dtype=memory.dtype, device=memory.device)
+        xs = torch.linspace(0, w - 1, w, dtype=memory.dtype, device=memory.device)
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        grid = torch.stack([grid_x, grid_y], -1)  # (H_l, W_l, 2) (x, y)
+        scale = torch.stack([valid_w, valid_h], -1).to(memory.dtype).view(b, 1, 1, 2)
+        centre = (grid[None] + 0.5) / scale  # (B, H_l, W_l, 2)
+        size = torch.full_like(centre, 0.05 * 2.0**lvl)
+        proposals.append(torch.cat([centre, size], -1).view(b, h * w, 4))
+        start += h * w
+    proposals = torch.cat(proposals, 1)  # (B, S, 4)
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+    proposals = torch.log(proposals / (1 - proposals))
+    invalid = padding_mask.unsqueeze(-1) | ~valid
+    proposals = proposals.masked_fill(invalid, float("inf"))
+    memory = memory.masked_fill(invalid, 0.0)
+    return memory, proposals
+
+
+class EncoderProposals(nn.Module):
+    """Scores the encoder's proposals and turns the top-k into anchors and content queries."""
+
+    def __init__(self, d_model: int, num_proposals: int):
+        super().__init__()
+        self.num_proposals = num_proposals
+        self.enc_output = nn.Linear(d_model, d_model)
+        self.enc_output_norm = nn.LayerNorm(d_model)
+        self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
+        self.pos_trans_norm = nn.LayerNorm(2 * d_model)
+        self.d_model = d_model
+
+    def forward(
+        self,
+        memory: torch.Tensor,
+        padding_mask: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        class_head: nn.Module,
+        box_head: nn.Module,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            memory, padding_mask, spatial_shapes: as for :func:`encoder_output_proposals`.
+            class_head: ``(..., C) -> (..., K_cls)`` scores of the proposals (the first class
+                ranks them, as in Deformable DETR; training makes it class-agnostic).
+            box_head: ``(..., C) -> (..., 4)`` deltas added to the proposals.
+
+        Returns:
+            tgt: ``(B, K, C)`` content queries of the top-k proposals.
+            anchors: ``(B, K, 4)`` their refined boxes, cxcywh in [0, 1], detached.
+            enc_logits: ``(B, S, K_cls)`` every proposal's scores.
+            enc_boxes: ``(B, S, 4)`` every proposal's refined box (after the sigmoid).
+        """
+        output, proposals = encoder_output_proposals(memory, padding_mask, spatial_shapes)
+        output = self.enc_output_norm(self.enc_output(output))
+        enc_logits = class_head(output)
+        enc_unact = box_head(output) + proposals  # (B, S, 4), inf at invalid proposals
+        k = min(self.num_proposals, enc_logits.shape[1])
+        top = enc_logits[..., 0].topk(k, dim=1).indices  # (B, K)
+        top_unact = torch.gather(enc_unact, 1, top.unsqueeze(-1).expand(-1, -1, 4)).detach()
+        # the sine embedding of the (x, y, w, h) proposal, 128 channels each: (B, K, 4C / 2)
+        embed = sine_features(top_unact.sigmoid() * (2 * math.pi), self.d_model // 2, 10000.0)
+        embed = self.pos_trans_norm(self.pos_trans(embed.flatten(-2)))
+        # the projection's two halves: Deformable DETR's positional query, then the content;
+        # DAB's decoder makes its positional query from the anchors, so only the content is used
+        tgt = embed[..., self.d_model :]
+        return tgt, top_unact.sigmoid(), enc_logits, enc_unact.sigmoid()

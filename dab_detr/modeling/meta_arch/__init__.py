@@ -1,0 +1,7 @@
+"""The Detectron2 side of the models: meta-architectures registered in ``META_ARCH_REGISTRY``
+and the backbone builder they use. The only model files that import Detectron2."""
+
+from . import backbone  # noqa: F401  (import registers build_dab_detr_resnet_backbone)
+from .dab_detr import DABDETR  # import registers the meta-architecture
+
+__all__ = ["DABDETR"]

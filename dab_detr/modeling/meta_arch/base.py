@@ -1,0 +1,207 @@
+"""What the DETR-style meta-architectures of this project share: Detectron2 inputs (normalised,
+padded ``ImageList`` with its padding mask), targets, the training/inference dispatch with the
+set losses in float32, and top-k post-processing into ``Instances``.
+
+A subclass passes its backbone and criterion to ``SetPredictionDetector.__init__``, builds its
+network, and implements ``forward_predictions``.
+
+Shapes: B batch, NQ queries, K classes. Boxes inside the models are cxcywh normalised by the
+size of the (unpadded) input image.
+"""
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.modeling import detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
+from torchvision.ops import box_convert
+
+from ...layers import inverse_sigmoid
+from ..criterion import SetCriterion
+from ..matcher import HungarianMatcher
+
+__all__ = ["SetPredictionDetector", "build_set_criterion", "init_heads"]
+
+
+class SetPredictionDetector(nn.Module):
+    """Base of ``DABDETR`` and ``DABDeformableDETR``: everything but the network."""
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        criterion: SetCriterion,
+        aux_loss: bool,
+        num_select: int,
+        pixel_mean: List[float],
+        pixel_std: List[float],
+    ):
+        """
+        Args:
+            backbone: a Detectron2 backbone.
+            criterion: training losses; its ``weight_dict`` weights them.
+            aux_loss: also supervise the earlier decoder layers.
+            num_select: detections kept per image, top-k over queries x classes.
+            pixel_mean, pixel_std: per-channel normalisation, in the input channel order.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.criterion = criterion
+        self.aux_loss = aux_loss
+        self.num_select = num_select
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    def _init_anchors(self, num_queries: int, query_dim: int, random_refpoints_xy: bool) -> None:
+        """The learned anchors ``refpoint_embed`` in inverse-sigmoid space, N(0, 1) as
+        ``nn.Embedding`` initialises them; with ``random_refpoints_xy`` (fixxy) the centres
+        are drawn uniformly in [0, 1] into the buffer ``refpoint_xy`` instead, so that neither
+        gradients nor weight decay move them."""
+        if random_refpoints_xy:
+            self.refpoint_embed = nn.Embedding(num_queries, query_dim - 2)
+            self.register_buffer("refpoint_xy", inverse_sigmoid(torch.rand(num_queries, 2)))
+        else:
+            self.refpoint_embed = nn.Embedding(num_queries, query_dim)
+            self.refpoint_xy: Optional[torch.Tensor] = None
+
+    def anchors(self) -> torch.Tensor:
+        """``(Q, D)`` the learned anchors before the sigmoid."""
+        if self.refpoint_xy is None:
+            return self.refpoint_embed.weight
+        return torch.cat([self.refpoint_xy, self.refpoint_embed.weight], dim=1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalise and batch the images; padding is zero after normalisation."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
+                  for x in batched_inputs]
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+
+    @staticmethod
+    def padding_mask(images: ImageList) -> torch.Tensor:
+        """``(B, H, W)`` bool, True where ``images.tensor`` is padding."""
+        sizes = torch.as_tensor(images.image_sizes, device=images.tensor.device)  # (B, 2)
+        h, w = images.tensor.shape[-2:]
+        rows = torch.arange(h, device=sizes.device)[None, :, None] >= sizes[:, 0, None, None]
+        cols = torch.arange(w, device=sizes.device)[None, None, :] >= sizes[:, 1, None, None]
+        return rows | cols
+
+    def forward_predictions(self, images: ImageList, with_aux: bool = True) -> Dict:
+        """``pred_logits`` ``(B, NQ, K)`` and ``pred_boxes`` ``(B, NQ, 4)`` of the last decoder
+        layer, with ``with_aux`` also ``aux_outputs`` (one such dict per earlier layer) and
+        whatever else the criterion reads."""
+        raise NotImplementedError
+
+    def losses(self, outputs: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
+        """The weighted losses of ``outputs`` against ``targets``."""
+        # Under autocast (SOLVER.AMP.ENABLED) the network runs in half precision; the
+        # matching costs and the set losses are computed in float32.
+        with torch.autocast(outputs["pred_logits"].device.type, enabled=False):
+            losses = self.criterion(_to_float32(outputs), targets)
+        weights = self.criterion.weight_dict
+        return {k: v * weights[k] for k, v in losses.items() if k in weights}
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: Detectron2's list of dicts with ``image`` ``(3, H, W)``, and in
+                training ``instances`` (``gt_boxes`` XYXY in input pixels, ``gt_classes``).
+
+        Returns:
+            In training, the weighted losses. In inference, per image
+            ``{"instances": Instances}`` with ``pred_boxes`` (XYXY, original image pixels),
+            ``scores`` and ``pred_classes``.
+        """
+        images = self.preprocess_image(batched_inputs)
+        outputs = self.forward_predictions(images, with_aux=self.training and self.aux_loss)
+        if self.training:
+            return self.losses(outputs, self.prepare_targets(batched_inputs, images))
+        results = self.inference(outputs["pred_logits"], outputs["pred_boxes"],
+                                 images.image_sizes)
+        processed = []
+        for result, inp, size in zip(results, batched_inputs, images.image_sizes):
+            height, width = inp.get("height", size[0]), inp.get("width", size[1])
+            processed.append({"instances": detector_postprocess(result, height, width)})
+        return processed
+
+    def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
+        """Per image, ``labels`` ``(N,)`` and ``boxes`` ``(N, 4)`` cxcywh normalised by the
+        image size."""
+        targets = []
+        for inp, (h, w) in zip(batched_inputs, images.image_sizes):
+            inst = inp["instances"].to(self.device)
+            scale = torch.as_tensor([w, h, w, h], dtype=torch.float, device=self.device)
+            boxes = box_convert(inst.gt_boxes.tensor / scale, "xyxy", "cxcywh")
+            targets.append({"labels": inst.gt_classes, "boxes": boxes})
+        return targets
+
+    def inference(
+        self, logits: torch.Tensor, boxes: torch.Tensor, image_sizes: List[tuple]
+    ) -> List[Instances]:
+        """Top-k over queries x classes of the sigmoid scores.
+
+        Args:
+            logits: ``(B, NQ, K)``.
+            boxes: ``(B, NQ, 4)`` cxcywh normalised.
+            image_sizes: per image ``(h, w)`` of the input (before padding).
+
+        Returns:
+            Per image, ``Instances`` of ``num_select`` detections in input pixels.
+        """
+        b, nq, k = logits.shape
+        scores, index = logits.sigmoid().flatten(1).topk(min(self.num_select, nq * k), dim=1)
+        query = torch.div(index, k, rounding_mode="floor")  # (B, num_select)
+        boxes = torch.gather(boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4))
+        boxes = box_convert(boxes, "cxcywh", "xyxy")
+        results = []
+        for i, (h, w) in enumerate(image_sizes):
+            result = Instances((h, w))
+            scale = torch.as_tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
+            result.pred_boxes = Boxes(boxes[i] * scale)
+            result.scores = scores[i]
+            result.pred_classes = index[i] % k
+            results.append(result)
+        return results
+
+
+def _to_float32(outputs):
+    """``outputs`` (tensors in dicts and lists) with floating-point tensors in float32."""
+    if isinstance(outputs, dict):
+        return {k: _to_float32(v) for k, v in outputs.items()}
+    if isinstance(outputs, list):
+        return [_to_float32(v) for v in outputs]
+    return outputs.float() if outputs.is_floating_point() else outputs
+
+
+def init_heads(class_heads: List[nn.Linear], box_heads: List[nn.Module]) -> None:
+    """The heads' initialisation of DAB-DETR and Deformable DETR: every class starts at
+    probability 0.01 (the focal-loss prior), every box head predicts a zero delta (its last
+    layer zero), so that training starts from the anchors."""
+    for head in class_heads:
+        nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
+    for head in box_heads:
+        nn.init.zeros_(head.layers[-1].weight)
+        nn.init.zeros_(head.layers[-1].bias)
+
+
+def build_set_criterion(cfg: CfgNode, extra_suffixes: List[str] = ()) -> SetCriterion:
+    """The matcher and criterion of ``MODEL.DAB_DETR``: focal, L1 and GIoU terms weighted by
+    ``CLASS_WEIGHT``, ``BBOX_WEIGHT``, ``GIOU_WEIGHT`` for the last decoder layer and, with
+    ``AUX_LOSS``, every earlier one (``loss_ce_0``, ...), and for each of ``extra_suffixes``
+    (e.g. ``"enc"``: the two-stage proposals' ``loss_ce_enc``, ...)."""
+    d = cfg.MODEL.DAB_DETR
+    matcher = HungarianMatcher(
+        d.SET_COST_CLASS, d.SET_COST_BBOX, d.SET_COST_GIOU, d.FOCAL_ALPHA, d.FOCAL_GAMMA
+    )
+    base = {"loss_ce": d.CLASS_WEIGHT, "loss_bbox": d.BBOX_WEIGHT, "loss_giou": d.GIOU_WEIGHT}
+    suffixes = [str(i) for i in range(d.DEC_LAYERS - 1)] if d.AUX_LOSS else []
+    weights = dict(base)
+    weights.update({f"{k}_{s}": w for s in suffixes + list(extra_suffixes)
+                    for k, w in base.items()})
+    return SetCriterion(d.NUM_CLASSES, matcher, weights, d.FOCAL_ALPHA, d.FOCAL_GAMMA)

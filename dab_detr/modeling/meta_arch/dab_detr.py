@@ -1,0 +1,178 @@
+"""The DAB-DETR meta-architecture: Detectron2 inputs and outputs (``base.py``) around the
+plain-PyTorch transformer, matcher and criterion.
+
+Shapes: B batch, C channels, H x W feature map, Q anchors, NQ decoder queries, K classes,
+L decoder layers, D anchor dims. Boxes inside the model are cxcywh normalised by the size
+of the (unpadded) input image.
+"""
+
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.structures import ImageList
+from torch import nn
+
+from ...layers import MLP, PositionEmbeddingSine, refine_boxes
+from ..criterion import SetCriterion
+from ..transformer import DABTransformer
+from .base import SetPredictionDetector, build_set_criterion, init_heads
+
+__all__ = ["DABDETR"]
+
+ACTIVATIONS = {"prelu": nn.PReLU, "relu": nn.ReLU, "gelu": nn.GELU}
+
+
+@META_ARCH_REGISTRY.register()
+class DABDETR(SetPredictionDetector):
+    """DAB-DETR (Liu et al., ICLR 2022): DETR whose queries are dynamic anchor boxes."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        in_feature: str,
+        position_embedding: PositionEmbeddingSine,
+        transformer: DABTransformer,
+        bbox_embed: nn.Module,
+        num_classes: int,
+        num_queries: int,
+        query_dim: int = 4,
+        random_refpoints_xy: bool = False,
+        criterion: SetCriterion,
+        aux_loss: bool = True,
+        num_select: int = 300,
+        pixel_mean: List[float],
+        pixel_std: List[float],
+    ):
+        """
+        Args:
+            backbone: a Detectron2 backbone; its ``in_feature`` output is used.
+            position_embedding: sine encoding of the feature-map positions.
+            transformer: encoder-decoder; its decoder refines anchors with ``bbox_embed``.
+            bbox_embed: box head (or ``nn.ModuleList``, one per decoder layer), shared by the
+                predictions and the decoder's anchor updates.
+            num_classes: K, foreground classes (sigmoid scores, no background class).
+            num_queries: Q anchors.
+            query_dim: D, 4 for anchor boxes, 2 for anchor points.
+            random_refpoints_xy: anchor centres drawn uniformly in [0, 1] and never trained.
+            criterion: training losses; its ``weight_dict`` weights them.
+            aux_loss: also supervise the earlier decoder layers.
+            num_select: detections kept per image, top-k over queries x classes.
+            pixel_mean, pixel_std: per-channel normalisation, in the input channel order.
+        """
+        super().__init__(backbone=backbone, criterion=criterion, aux_loss=aux_loss,
+                         num_select=num_select, pixel_mean=pixel_mean, pixel_std=pixel_std)
+        self.in_feature = in_feature
+        self.position_embedding = position_embedding
+        self.transformer = transformer
+        hidden_dim = transformer.d_model
+        in_channels = backbone.output_shape()[in_feature].channels
+        self.input_proj = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
+        self.class_embed = nn.Linear(hidden_dim, num_classes)
+        self.bbox_embed = bbox_embed
+        self.num_classes = num_classes
+        self.query_dim = query_dim
+        self._init_anchors(num_queries, query_dim, random_refpoints_xy)
+        init_heads([self.class_embed],
+                   bbox_embed if isinstance(bbox_embed, nn.ModuleList) else [bbox_embed])
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        d = cfg.MODEL.DAB_DETR
+        backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
+        in_features = cfg.MODEL.RESNETS.OUT_FEATURES
+        if len(in_features) != 1:
+            raise ValueError(f"MODEL.RESNETS.OUT_FEATURES={in_features}: DAB-DETR uses one map")
+        if d.ACTIVATION not in ACTIVATIONS:
+            raise ValueError(f"MODEL.DAB_DETR.ACTIVATION={d.ACTIVATION!r}; expected one of "
+                             f"{sorted(ACTIVATIONS)}")
+        if d.RANDOM_REFPOINTS_XY and d.QUERY_DIM != 4:
+            raise ValueError("MODEL.DAB_DETR.RANDOM_REFPOINTS_XY needs QUERY_DIM = 4")
+        box_head = lambda: MLP(d.HIDDEN_DIM, d.HIDDEN_DIM, 4, 3)  # noqa: E731
+        if d.BBOX_EMBED_DIFF_EACH_LAYER:
+            bbox_embed = nn.ModuleList(box_head() for _ in range(d.DEC_LAYERS))
+        else:
+            bbox_embed = box_head()
+        transformer = DABTransformer(
+            d_model=d.HIDDEN_DIM,
+            nhead=d.NHEADS,
+            num_encoder_layers=d.ENC_LAYERS,
+            num_decoder_layers=d.DEC_LAYERS,
+            dim_feedforward=d.DIM_FEEDFORWARD,
+            dropout=d.DROPOUT,
+            activation=ACTIVATIONS[d.ACTIVATION],
+            num_patterns=d.NUM_PATTERNS,
+            query_dim=d.QUERY_DIM,
+            keep_query_pos=d.KEEP_QUERY_POS,
+            modulate_hw_attn=d.MODULATE_HW_ATTN,
+            bbox_embed=bbox_embed if d.ITER_UPDATE else None,
+        )
+        return {
+            "backbone": backbone,
+            "in_feature": in_features[0],
+            "position_embedding": PositionEmbeddingSine(
+                d.HIDDEN_DIM // 2, d.PE_TEMPERATURE_H, d.PE_TEMPERATURE_W
+            ),
+            "transformer": transformer,
+            "bbox_embed": bbox_embed,
+            "num_classes": d.NUM_CLASSES,
+            "num_queries": d.NUM_QUERIES,
+            "query_dim": d.QUERY_DIM,
+            "random_refpoints_xy": d.RANDOM_REFPOINTS_XY,
+            "criterion": build_set_criterion(cfg),
+            "aux_loss": d.AUX_LOSS,
+            "num_select": d.NUM_SELECT,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    def forward_predictions(
+        self, images: ImageList, with_aux: bool = True
+    ) -> Dict[str, torch.Tensor]:
+        """Raw predictions of the last decoder layer, and of the others with ``with_aux``.
+
+        Args:
+            images: normalised images, as ``preprocess_image`` batches them.
+            with_aux: also predict classes and boxes from the earlier layers' outputs.
+                Inference needs only the last layer's; the earlier layers still refine the
+                anchors inside the decoder either way.
+
+        Returns:
+            ``pred_logits`` ``(B, NQ, K)`` and ``pred_boxes`` ``(B, NQ, 4)`` of the last layer,
+            and with ``with_aux``, ``aux_outputs``: a list of such dicts for the other layers.
+        """
+        # oneDNN's convolutions are faster on channels-last maps (and the flattened tokens
+        # then need no transposing copy); the results are the same up to rounding
+        pixels = images.tensor.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(pixels)[self.in_feature]
+        # The padding mask follows the features down: nearest-neighbour, as in DETR.
+        mask = F.interpolate(self.padding_mask(images)[None].float(), size=features.shape[-2:])
+        mask = mask.to(torch.bool)[0]
+        pos = self.position_embedding(mask).to(features.dtype)
+        hs, references = self.transformer(self.input_proj(features), mask, self.anchors(), pos)
+        if not with_aux:
+            # (L, B, NQ, C) -> (1, B, NQ, C): heads only on the last layer
+            hs, references = hs[-1:], references[-1:]
+        logits = self.class_embed(hs)  # (L|1, B, NQ, K)
+        boxes = self._predict_boxes(hs, references)  # (L|1, B, NQ, 4)
+        outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if with_aux:
+            outputs["aux_outputs"] = [
+                {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
+            ]
+        return outputs
+
+    def _predict_boxes(self, hs: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+        """Boxes ``(N, B, NQ, 4)`` refining anchors ``references`` ``(N|1, B, NQ, D)`` from
+        the last N layers' outputs ``hs`` ``(N, B, NQ, C)``."""
+        if isinstance(self.bbox_embed, nn.ModuleList):
+            heads = self.bbox_embed[len(self.bbox_embed) - len(hs) :]  # the last N heads
+            delta = torch.stack([head(h) for head, h in zip(heads, hs)])
+        else:
+            delta = self.bbox_embed(hs)
+        return refine_boxes(references, delta)

@@ -1,0 +1,16 @@
+"""DAB-DETR's transformer: the encoder over image tokens and the anchor-box decoder, which
+refines each query's anchor layer by layer and modulates its positional attention by the
+anchor's width and height."""
+
+from .decoder import TransformerDecoder, TransformerDecoderLayer, modulate_hw
+from .encoder import TransformerEncoder, TransformerEncoderLayer
+from .transformer import DABTransformer
+
+__all__ = [
+    "DABTransformer",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+    "modulate_hw",
+]

@@ -1,0 +1,80 @@
+"""What the official implementations compute, for the equivalence tests.
+
+The authors' code (IDEA-Research/DAB-DETR, IDEA-Research/DN-DETR) was run once, in float64
+on CPU, on weights made by a rule from a seed; the data directory holds, per model, the rule's
+input (``<model>.json``: every tensor's name, shape and kind of initialisation), the two test
+images (``images.npz``) and the outputs of every decoder layer (``<model>_outputs.npz``). Its
+``README.md`` defines the rule, which :func:`official_state_dict` implements.
+
+Shapes: L decoder layers, B batch, Q queries, K = 91 classes indexed by COCO category id.
+"""
+
+import json
+import math
+import os
+import zlib
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+
+__all__ = [
+    "INITS", "REFERENCE_DIR", "load_images", "load_outputs", "official_state_dict",
+    "stack_layers",
+]
+
+# The official outputs and their README (copied from the project's shared reference folder).
+REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "official_outputs")
+
+# init kind -> value of the tensor from z ~ N(0, 1) of its shape (the README's table)
+INITS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    # linear and convolution weights, packed attention projections
+    "fan_in": lambda z: z / math.sqrt(math.prod(z.shape[1:])),
+    "scale": lambda z: 1 + 0.1 * z,  # norm weights
+    "shift": lambda z: 0.1 * z,  # biases, BatchNorm running means
+    "var": lambda z: 0.5 + torch.sigmoid(z),  # BatchNorm running variances
+    "embed": lambda z: z,  # embeddings: anchors, content queries, patterns, level embeddings
+    "slope": lambda z: 0.25 + 0.1 * z,  # PReLU slopes
+}
+
+
+def official_state_dict(json_path: str) -> Dict[str, torch.Tensor]:
+    """The official state dict described by ``json_path``, in float64, in the listed order.
+
+    Each tensor is ``INITS[init](z)`` with ``z = torch.randn(shape, dtype=float64)`` drawn from
+    a generator seeded with ``seed + crc32(key)``: a tensor's value depends on its name only,
+    not on the order of the listing.
+    """
+    with open(json_path) as f:
+        spec = json.load(f)
+    seed = spec["seed"]
+    sd = {}
+    for entry in spec["entries"]:
+        key, shape, init = entry["key"], entry["shape"], entry["init"]
+        if init not in INITS:
+            raise ValueError(f"{json_path}: {key} has an unknown init {init!r}")
+        g = torch.Generator().manual_seed(seed + zlib.crc32(key.encode()))
+        z = torch.randn(shape, generator=g, dtype=torch.float64)
+        sd[key] = INITS[init](z)
+    return sd
+
+
+def load_images(path: str) -> Dict[str, torch.Tensor]:
+    """``{name: (3, H, W) uint8 RGB}`` of ``images.npz``."""
+    with np.load(path) as data:
+        return {k: torch.from_numpy(data[k]) for k in data.files}
+
+
+def load_outputs(path: str, run: str) -> Dict[str, torch.Tensor]:
+    """One run's reference outputs, float32 copies of float64 results: ``logits``
+    ``(L, B, Q, K)`` before the sigmoid, and ``boxes`` ``(L, B, Q, 4)`` cxcywh normalised by
+    each image's own (unpadded) size; first decoder layer first."""
+    with np.load(path) as data:
+        return {k: torch.from_numpy(data[f"{run}_{k}"]) for k in ("logits", "boxes")}
+
+
+def stack_layers(outputs: Dict[str, object], key: str) -> torch.Tensor:
+    """``(L, B, Q, ...)`` of ``key`` over the layers of a ``forward_predictions`` result with
+    ``aux_outputs``: the earlier layers first, the last (``outputs[key]``) at the end."""
+    layers: List[torch.Tensor] = [aux[key] for aux in outputs["aux_outputs"]]
+    return torch.stack(layers + [outputs[key]])
