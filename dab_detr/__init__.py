@@ -1,5 +1,6 @@
-"""DAB-DETR as a Detectron2 project: ``import dab_detr`` registers the ``DABDETR``
-meta-architecture and its backbone, and exposes ``add_dab_detr_config``.
+"""DAB-DETR as a Detectron2 project: ``import dab_detr`` registers the ``DABDETR`` and
+``DABDeformableDETR`` meta-architectures and their backbone, and exposes
+``add_dab_detr_config``.
 
 Layout: ``layers`` (building blocks) and ``modeling`` (the models) are plain PyTorch and
 import without Detectron2; ``modeling.meta_arch``, ``config``, ``data``, ``engine`` and
@@ -10,7 +11,7 @@ import importlib.util
 
 from ._compat import apply as _apply_compat
 
-__all__ = ["DABDETR", "add_dab_detr_config", "get_dab_detr_cfg"]
+__all__ = ["DABDETR", "DABDeformableDETR", "add_dab_detr_config", "get_dab_detr_cfg"]
 __version__ = "0.1.0"
 
 
@@ -24,7 +25,7 @@ def _detectron2_installed() -> bool:
 if _detectron2_installed():
     _apply_compat()  # must run before the first import of detectron2
     from .config import add_dab_detr_config, get_dab_detr_cfg
-    from .modeling.meta_arch import DABDETR  # import registers the meta-architecture
+    from .modeling.meta_arch import DABDETR, DABDeformableDETR  # import registers them
 else:
 
     def __getattr__(name: str):

@@ -22,7 +22,8 @@ CONFIGS = sorted(
 def test_configs_found():
     assert "Base-DAB-DETR.yaml" in CONFIGS
     assert "quick_schedules/dab_detr_R_18_shapes.yaml" in CONFIGS
-    assert len(CONFIGS) >= 9
+    assert "COCO-Detection/dab_deformable_detr_R_50_two_stage_50ep.yaml" in CONFIGS
+    assert len(CONFIGS) >= 12
 
 
 def _batch(num_classes: int) -> List[Dict]:
@@ -51,13 +52,18 @@ def test_config_trains_and_infers(name):
     model.train()
     losses = model(batch)
     expected_keys = {"loss_ce", "loss_bbox", "loss_giou"}
-    expected_keys |= {f"{k}_{i}" for k in list(expected_keys) for i in range(d.DEC_LAYERS - 1)}
+    suffixes = [str(i) for i in range(d.DEC_LAYERS - 1)]
+    if cfg.MODEL.META_ARCHITECTURE == "DABDeformableDETR" and d.DEFORMABLE.TWO_STAGE:
+        suffixes.append("enc")  # the encoder proposals' losses
+    expected_keys |= {f"{k}_{s}" for k in list(expected_keys) for s in suffixes}
     assert set(losses) == expected_keys
     for k, v in losses.items():
         assert v.shape == () and torch.isfinite(v), k
     sum(losses.values()).backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, no_grad
+    for n, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), n
 
     model.eval()
     with torch.no_grad():

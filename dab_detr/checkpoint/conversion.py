@@ -101,18 +101,21 @@ def coco_class_rows() -> List[int]:
 
 
 def _map_class_head(sd: StateDict, num_classes: int) -> None:
-    rows = sd["class_embed.weight"].shape[0]
-    if rows == num_classes:
-        return
-    if rows == 91 and num_classes == 80:
-        index = torch.as_tensor(coco_class_rows())
-        sd["class_embed.weight"] = sd["class_embed.weight"][index]
-        sd["class_embed.bias"] = sd["class_embed.bias"][index]
-        return
-    raise ValueError(
-        f"class_embed has {rows} rows; cannot map them to NUM_CLASSES={num_classes} "
-        "(supported: equal counts, or the 91-row COCO-id head to 80 classes)"
-    )
+    """Rows of every class head (``class_embed.*``: one, or one per layer) for ``num_classes``."""
+    names = [k for k in sd if re.fullmatch(r"class_embed\.(\d+\.)?(weight|bias)", k)]
+    if not names:
+        raise ValueError(f"no class head (class_embed.*) among {len(sd)} tensors")
+    for name in names:
+        rows = sd[name].shape[0]
+        if rows == num_classes:
+            continue
+        if rows == 91 and num_classes == 80:
+            sd[name] = sd[name][torch.as_tensor(coco_class_rows())]
+            continue
+        raise ValueError(
+            f"{name} has {rows} rows; cannot map them to NUM_CLASSES={num_classes} "
+            "(supported: equal counts, or the 91-row COCO-id head to 80 classes)"
+        )
 
 
 def _require(sd: StateDict, key: str, what: str) -> None:
@@ -123,11 +126,18 @@ def _require(sd: StateDict, key: str, what: str) -> None:
 
 
 def convert_official(sd: StateDict, num_classes: int = 80) -> StateDict:
-    """Checkpoint released with the paper -> this project's names."""
+    """Checkpoint released with the paper (DAB-DETR or DAB-Deformable-DETR) -> this project's
+    names: the ResNet's are Detectron2's, the others are kept."""
     sd = sd.get("model", sd)
     _require(sd, "refpoint_embed.weight", "a DAB-DETR checkpoint of the official repository")
     out = _convert_resnet(sd, "backbone.0.body.")
     out.update({k: v for k, v in sd.items() if not k.startswith("backbone.")})
+    # The decoder's box heads are the detector's (one module under two names). A checkpoint
+    # holds both copies; the official model loads bbox_embed.* last, so that copy is the one
+    # it computes with.
+    for k in [k for k in out if k.startswith("bbox_embed.")]:
+        if "transformer.decoder." + k in out:
+            out["transformer.decoder." + k] = out[k]
     _map_class_head(out, num_classes)
     return out
 

@@ -58,7 +58,11 @@ def multi_scale_deformable_attention(
     value_per_level = value.split(sizes, dim=1)
     # grid_sample's grid spans [-1, 1] over the map
     grids = 2 * sampling_locations - 1
-    sampled = []
+    # (B, Q, h, L, P) -> (B, h, L, Q, P) -> (B * h, L, 1, Q, P): per level, broadcast over d
+    weights = attention_weights.permute(0, 2, 3, 1, 4).reshape(
+        b * n_heads, n_levels, 1, q, n_points
+    )
+    output = value.new_zeros(b * n_heads, d, q)
     for level, (hl, wl) in enumerate(shapes):
         # (B, H_l * W_l, h, d) -> (B, h, d, H_l * W_l) -> (B * h, d, H_l, W_l): heads join the
         # batch, tokens become a row-major image
@@ -66,17 +70,14 @@ def multi_scale_deformable_attention(
         # (B, Q, h, P, 2) -> (B, h, Q, P, 2) -> (B * h, Q, P, 2): the same batch order as v
         grid = grids[:, :, :, level].transpose(1, 2).reshape(b * n_heads, q, n_points, 2)
         # (B * h, d, Q, P)
-        sampled.append(
-            F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        )
-    # L x (B * h, d, Q, P) -> (B * h, d, Q, L, P) -> (B * h, d, Q, L * P)
-    sampled_values = torch.stack(sampled, dim=3).flatten(3)
-    # (B, Q, h, L, P) -> (B, h, Q, L, P) -> (B * h, Q, L * P)
-    weights = attention_weights.transpose(1, 2).reshape(b * n_heads, q, n_levels * n_points)
-    # sum over L * P: (B * h, d, Q)
-    output = torch.einsum("ndqk,nqk->ndq", sampled_values, weights)
+        sampled = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros",
+                                align_corners=False)
+        # weighted sum over the level's points, accumulated over levels: (B * h, d, Q). A
+        # product and a sum: on CPU about twice as fast, forward and backward, as stacking the
+        # levels and contracting with einsum (a batch of tiny matrix products).
+        output = output + (sampled * weights[:, level]).sum(-1)
     # (B * h, d, Q) -> (B, h * d, Q) -> (B, Q, h * d)
-    return output.reshape(b, n_heads * d, q).transpose(1, 2).contiguous()
+    return output.view(b, n_heads * d, q).transpose(1, 2).contiguous()
 
 
 class MSDeformAttn(nn.Module):

@@ -84,18 +84,24 @@ class SetCriterion(nn.Module):
         """
         Args:
             outputs: ``pred_logits`` ``(B, NQ, K)``, ``pred_boxes`` ``(B, NQ, 4)`` and
-                optionally ``aux_outputs``, a list of such dicts for the earlier layers.
+                optionally ``aux_outputs``, a list of such dicts for the earlier layers, and
+                ``enc_outputs``, such a dict for a two-stage model's encoder proposals.
             targets: per image, ``labels`` ``(N_i,)`` and ``boxes`` ``(N_i, 4)``.
 
         Returns:
             Unweighted losses: ``loss_ce``, ``loss_bbox``, ``loss_giou``, then the same
-            with suffix ``_i`` for auxiliary layer i.
+            with suffix ``_i`` for auxiliary layer i, and ``_enc`` for the proposals, which
+            are matched class-agnostically (every target of class 0), as in Deformable DETR.
         """
         num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
         losses = self._layer_losses(outputs, targets, num_boxes)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             aux_losses = self._layer_losses(aux, targets, num_boxes)
             losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
+        if "enc_outputs" in outputs:
+            agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            enc_losses = self._layer_losses(outputs["enc_outputs"], agnostic, num_boxes)
+            losses.update({f"{k}_enc": v for k, v in enc_losses.items()})
         return losses
 
     @staticmethod

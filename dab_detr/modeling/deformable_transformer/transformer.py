@@ -126,7 +126,8 @@ class DABDeformableTransformer(nn.Module):
         level_start_index = torch.cat(
             (spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1])
         )
-        ratios = torch.stack([valid_ratios(m, src.dtype) for m in masks], 1)  # (B, L, 2)
+        # (B, L, 2), in float32 as in the official code, whatever the model's precision
+        ratios = torch.stack([valid_ratios(m) for m in masks], 1)
         memory = self.encoder(src, pos, spatial_shapes, level_start_index, ratios, mask)
 
         out: Dict[str, torch.Tensor] = {}

@@ -1,0 +1,245 @@
+"""The DAB-Deformable-DETR meta-architecture: Detectron2 inputs and outputs (``base.py``) around
+the plain-PyTorch deformable transformer (``modeling/deformable_transformer``), matcher and
+criterion. The model of IDEA-Research/DAB-DETR's ``main.py -m dab_deformable_detr``: multi-scale
+deformable attention over 4 levels, anchor boxes refined layer by layer by per-layer heads, and
+optionally two stages (the encoder proposes the anchors).
+
+Shapes: B batch, C channels, L levels, Q anchors, NQ decoder queries, K classes, N decoder
+layers. Boxes inside the model are cxcywh normalised by the size of the (unpadded) input image.
+"""
+
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.structures import ImageList
+from torch import nn
+
+from ...layers import MLP, PositionEmbeddingSine
+from ..criterion import SetCriterion
+from ..deformable_transformer import DABDeformableTransformer
+from .base import SetPredictionDetector, build_set_criterion, init_heads
+from .dab_detr import ACTIVATIONS
+
+__all__ = ["DABDeformableDETR"]
+
+
+def _input_projections(in_channels: List[int], hidden_dim: int, num_levels: int) -> nn.ModuleList:
+    """Per level, a 1x1 convolution + GroupNorm(32) of a backbone map; for the levels beyond
+    the backbone's, a 3x3 stride-2 convolution + GroupNorm(32) of the previous level."""
+    projections = []
+    for level in range(num_levels):
+        if level < len(in_channels):
+            conv = nn.Conv2d(in_channels[level], hidden_dim, kernel_size=1)
+        else:
+            channels = in_channels[-1] if level == len(in_channels) else hidden_dim
+            conv = nn.Conv2d(channels, hidden_dim, kernel_size=3, stride=2, padding=1)
+        nn.init.xavier_uniform_(conv.weight, gain=1)
+        nn.init.zeros_(conv.bias)
+        projections.append(nn.Sequential(conv, nn.GroupNorm(32, hidden_dim)))
+    return nn.ModuleList(projections)
+
+
+@META_ARCH_REGISTRY.register()
+class DABDeformableDETR(SetPredictionDetector):
+    """DAB-Deformable-DETR (Liu et al., ICLR 2022, Appendix C): DAB-DETR's dynamic anchor boxes
+    as the queries of Deformable DETR (Zhu et al., ICLR 2021) with box refinement."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        in_features: List[str],
+        position_embedding: PositionEmbeddingSine,
+        transformer: DABDeformableTransformer,
+        class_embed: nn.ModuleList,
+        bbox_embed: nn.ModuleList,
+        num_queries: int,
+        num_patterns: int = 0,
+        random_refpoints_xy: bool = False,
+        criterion: SetCriterion,
+        aux_loss: bool = True,
+        num_select: int = 100,
+        pixel_mean: List[float],
+        pixel_std: List[float],
+    ):
+        """
+        Args:
+            backbone: a Detectron2 backbone; its ``in_features`` outputs are the first levels.
+            position_embedding: sine encoding of each level's positions.
+            transformer: the deformable transformer; its decoder refines the anchors with
+                ``bbox_embed`` and, with two stages, its encoder proposes them, scored and
+                refined by the last of ``class_embed`` and ``bbox_embed``.
+            class_embed, bbox_embed: one class and one box head per decoder layer (and one more
+                each for the encoder's proposals with two stages).
+            num_queries: Q anchors (with two stages, Q proposals).
+            num_patterns: learned content patterns P, each added to every content query
+                (NQ = Q * max(P, 1)); 0: none.
+            random_refpoints_xy: anchor centres drawn uniformly in [0, 1] and never trained.
+            others: see ``SetPredictionDetector``.
+        """
+        super().__init__(backbone=backbone, criterion=criterion, aux_loss=aux_loss,
+                         num_select=num_select, pixel_mean=pixel_mean, pixel_std=pixel_std)
+        self.in_features = in_features
+        self.position_embedding = position_embedding
+        self.transformer = transformer
+        hidden_dim = transformer.d_model
+        num_levels = transformer.level_embed.shape[0]
+        shapes = backbone.output_shape()
+        self.input_proj = _input_projections(
+            [shapes[f].channels for f in in_features], hidden_dim, num_levels
+        )
+        self.class_embed = class_embed
+        self.bbox_embed = bbox_embed
+        self.two_stage = transformer.proposals is not None
+        self.num_patterns = num_patterns
+        if not self.two_stage:
+            self.tgt_embed = nn.Embedding(num_queries, hidden_dim)
+            self._init_anchors(num_queries, 4, random_refpoints_xy)
+            if num_patterns > 0:
+                self.patterns_embed = nn.Embedding(num_patterns, hidden_dim)
+        init_heads(list(class_embed), list(bbox_embed))
+        if not self.two_stage:
+            # as the official model (Deformable DETR's box refinement): the first layer's boxes
+            # start smaller than the anchors, sigmoid(inverse_sigmoid(wh) - 2)
+            nn.init.constant_(bbox_embed[0].layers[-1].bias[2:], -2.0)
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        d = cfg.MODEL.DAB_DETR
+        backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
+        in_features = list(cfg.MODEL.RESNETS.OUT_FEATURES)
+        _check_config(cfg, len(in_features))
+        two_stage = d.DEFORMABLE.TWO_STAGE
+        num_heads = d.DEC_LAYERS + int(two_stage)  # two-stage: one more for the proposals
+        class_embed = nn.ModuleList(nn.Linear(d.HIDDEN_DIM, d.NUM_CLASSES)
+                                    for _ in range(num_heads))
+        bbox_embed = nn.ModuleList(MLP(d.HIDDEN_DIM, d.HIDDEN_DIM, 4, 3)
+                                   for _ in range(num_heads))
+        transformer = DABDeformableTransformer(
+            bbox_embed,
+            d_model=d.HIDDEN_DIM,
+            nhead=d.NHEADS,
+            num_encoder_layers=d.ENC_LAYERS,
+            num_decoder_layers=d.DEC_LAYERS,
+            dim_feedforward=d.DIM_FEEDFORWARD,
+            dropout=d.DROPOUT,
+            activation=ACTIVATIONS[d.ACTIVATION],
+            num_feature_levels=d.DEFORMABLE.NUM_FEATURE_LEVELS,
+            enc_n_points=d.DEFORMABLE.ENC_N_POINTS,
+            dec_n_points=d.DEFORMABLE.DEC_N_POINTS,
+            two_stage_num_proposals=d.NUM_QUERIES if two_stage else 0,
+        )
+        return {
+            "backbone": backbone,
+            "in_features": in_features,
+            # Deformable DETR's encoding: pixel centres, (k - 0.5) / n
+            "position_embedding": PositionEmbeddingSine(
+                d.HIDDEN_DIM // 2, d.PE_TEMPERATURE_H, d.PE_TEMPERATURE_W, offset=-0.5
+            ),
+            "transformer": transformer,
+            "class_embed": class_embed,
+            "bbox_embed": bbox_embed,
+            "num_queries": d.NUM_QUERIES,
+            "num_patterns": d.NUM_PATTERNS,
+            "random_refpoints_xy": d.RANDOM_REFPOINTS_XY,
+            "criterion": build_set_criterion(cfg, ["enc"] if two_stage else []),
+            "aux_loss": d.AUX_LOSS,
+            "num_select": d.NUM_SELECT,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    def multi_scale_inputs(self, images: ImageList):
+        """The L levels the transformer reads: projected maps ``(B, C, H_l, W_l)``, padding
+        masks ``(B, H_l, W_l)`` (the image's, resized nearest-neighbour as in DETR) and
+        position encodings ``(B, C, H_l, W_l)``."""
+        # oneDNN's convolutions are faster on channels-last maps; same results up to rounding
+        pixels = images.tensor.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(pixels)
+        image_mask = self.padding_mask(images)[None].float()  # (1, B, H, W)
+        srcs, masks, pos = [], [], []
+        for level, proj in enumerate(self.input_proj):
+            if level < len(self.in_features):
+                src = proj(features[self.in_features[level]])
+            elif level == len(self.in_features):
+                src = proj(features[self.in_features[-1]])
+            else:
+                src = proj(srcs[-1])
+            mask = F.interpolate(image_mask, size=src.shape[-2:]).to(torch.bool)[0]
+            srcs.append(src)
+            masks.append(mask)
+            pos.append(self.position_embedding(mask).to(src.dtype))
+        return srcs, masks, pos
+
+    def queries(self, batch_size: int):
+        """``(B, NQ, C)`` content queries and ``(B, NQ, 4)`` anchors in [0, 1]; query
+        ``p * Q + q`` pairs pattern p with anchor q."""
+        tgt = self.tgt_embed.weight  # (Q, C)
+        anchors = self.anchors().sigmoid()  # (Q, 4)
+        if self.num_patterns > 0:
+            patterns = self.patterns_embed.weight  # (P, C)
+            # (P, 1, C) + (1, Q, C) -> (P * Q, C)
+            tgt = (patterns[:, None] + tgt[None]).flatten(0, 1)
+            anchors = anchors.repeat(self.num_patterns, 1)
+        return (tgt.unsqueeze(0).expand(batch_size, -1, -1),
+                anchors.unsqueeze(0).expand(batch_size, -1, -1))
+
+    def forward_predictions(self, images: ImageList, with_aux: bool = True) -> Dict:
+        """Raw predictions: see ``SetPredictionDetector.forward_predictions``. With two stages
+        and ``with_aux``, also ``enc_outputs``: the encoder proposals' ``pred_logits``
+        ``(B, S, K)`` and ``pred_boxes`` ``(B, S, 4)``."""
+        srcs, masks, pos = self.multi_scale_inputs(images)
+        if self.two_stage:
+            out = self.transformer(srcs, masks, pos,
+                                   enc_heads=[self.class_embed[-1], self.bbox_embed[-1]])
+        else:
+            tgt, anchors = self.queries(images.tensor.shape[0])
+            out = self.transformer(srcs, masks, pos, tgt, anchors)
+        hs, boxes = out["hs"], out["boxes"]  # (N, B, NQ, C), (N, B, NQ, 4)
+        num_layers = hs.shape[0]
+        layers = range(num_layers) if with_aux else [num_layers - 1]
+        logits = [self.class_embed[i](hs[i]) for i in layers]
+        outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if with_aux:
+            outputs["aux_outputs"] = [
+                {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
+            ]
+            if self.two_stage:
+                outputs["enc_outputs"] = {"pred_logits": out["enc_logits"],
+                                          "pred_boxes": out["enc_boxes"]}
+        return outputs
+
+
+def _check_config(cfg, num_backbone_levels: int) -> None:
+    """Refuse settings this model does not have, naming the keys."""
+    d = cfg.MODEL.DAB_DETR
+    levels = d.DEFORMABLE.NUM_FEATURE_LEVELS
+    if not 1 <= num_backbone_levels <= levels:
+        raise ValueError(
+            f"MODEL.RESNETS.OUT_FEATURES={list(cfg.MODEL.RESNETS.OUT_FEATURES)}: "
+            f"DAB-Deformable-DETR needs 1 to MODEL.DAB_DETR.DEFORMABLE.NUM_FEATURE_LEVELS "
+            f"({levels}) backbone maps"
+        )
+    if d.ACTIVATION not in ACTIVATIONS:
+        raise ValueError(f"MODEL.DAB_DETR.ACTIVATION={d.ACTIVATION!r}; expected one of "
+                         f"{sorted(ACTIVATIONS)}")
+    if d.HIDDEN_DIM % 32:
+        raise ValueError(f"MODEL.DAB_DETR.HIDDEN_DIM={d.HIDDEN_DIM}: the input projections' "
+                         "GroupNorm(32) needs a multiple of 32")
+    unsupported = {
+        "MODEL.DAB_DETR.QUERY_DIM": (d.QUERY_DIM, 4),
+        "MODEL.DAB_DETR.ITER_UPDATE": (d.ITER_UPDATE, True),
+        # without the auxiliary losses the earlier layers' heads would get no gradient
+        "MODEL.DAB_DETR.AUX_LOSS": (d.AUX_LOSS, True),
+    }
+    wrong = [f"{k}={v!r} (needs {need!r})" for k, (v, need) in unsupported.items() if v != need]
+    if d.DEFORMABLE.TWO_STAGE and (d.RANDOM_REFPOINTS_XY or d.NUM_PATTERNS):
+        wrong.append("MODEL.DAB_DETR.RANDOM_REFPOINTS_XY / NUM_PATTERNS with "
+                     "MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE (the encoder gives the anchors)")
+    if wrong:
+        raise ValueError("DAB-Deformable-DETR does not support " + "; ".join(wrong))
