@@ -1,10 +1,13 @@
 """What the benchmark runs: this project's DAB-DETR and transformers'
-``DabDetrForObjectDetection`` on the same weights, as one-call steps (a forward pass, or a
-training step: forward, loss, backward).
+``DabDetrForObjectDetection`` on the same weights, and this project's DAB-Deformable-DETR
+(which has no transformers counterpart), as one-call steps (a forward pass, or a training
+step: forward, loss, backward).
 
 Equal weights the way ``tests/test_equivalence_transformers.py`` gets them: a random
 transformers model (its timm ResNet built offline, no pretrained download) is saved with
 ``save_pretrained``, converted with ``dab_detr.convert`` and loaded strictly into ours.
+DAB-Deformable-DETR gets its config's random initialisation (seeded: the same weights in
+every process that builds it).
 
 Shapes: B batch, H x W input size (no padding: every image of a batch has that size).
 """
@@ -16,14 +19,35 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# variant -> (config under configs/, transformers DabDetrConfig arguments of the same model)
-VARIANTS: Dict[str, Tuple[str, dict]] = {
-    "R50": ("COCO-Detection/dab_detr_R_50_50ep.yaml", {}),
-    "R50-DC5": (
-        "COCO-Detection/dab_detr_R_50_DC5_50ep.yaml",
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One benchmarked model.
+
+    Attributes:
+        model: the model family, "dab_detr" or "dab_deformable_detr" (``--models``).
+        config: ours, under ``configs/``.
+        transformers: ``DabDetrConfig`` arguments of the same model; None: transformers has
+            no counterpart, only ours is measured.
+    """
+
+    model: str
+    config: str
+    transformers: Optional[dict]
+
+
+VARIANTS: Dict[str, Variant] = {
+    "R50": Variant("dab_detr", "COCO-Detection/dab_detr_R_50_50ep.yaml", {}),
+    "R50-DC5": Variant(
+        "dab_detr", "COCO-Detection/dab_detr_R_50_DC5_50ep.yaml",
         dict(dilation=True, temperature_height=10, temperature_width=10),
     ),
+    "Deformable-R50": Variant(
+        "dab_deformable_detr", "COCO-Detection/dab_deformable_detr_R_50_50ep.yaml", None
+    ),
 }
+MODELS = ("dab_detr", "dab_deformable_detr")
 IMPLS = ("ours", "transformers")
 NUM_QUERIES = 300  # of both configs, and transformers' default
 NUM_BOXES = 5  # ground-truth boxes per image in training steps
@@ -39,7 +63,7 @@ class Case:
         train: a training step (forward, loss, backward) instead of a forward pass.
         height, width, batch: input size H x W and batch B.
         weights: ours: a converted checkpoint; transformers: a ``save_pretrained`` folder;
-            None (ours only): the config's random initialisation.
+            None (ours only): the config's random initialisation, seeded.
         num_queries: ours only: overrides the config's NUM_QUERIES.
         device: "cpu" or "cuda".
         autocast: "bfloat16" or "float16" to run under ``torch.autocast``; None: float32.
@@ -57,15 +81,21 @@ class Case:
     autocast: Optional[str] = None
 
 
+def impls(variant: str) -> Tuple[str, ...]:
+    """The implementations measured for ``variant``: ours, and transformers' if it has one."""
+    return IMPLS if VARIANTS[variant].transformers is not None else IMPLS[:1]
+
+
 def _cfg(variant: str, opts: List[str]):
     from dab_detr.config import get_dab_detr_cfg
 
-    path = os.path.join(REPO, "configs", VARIANTS[variant][0])
+    path = os.path.join(REPO, "configs", VARIANTS[variant].config)
     return get_dab_detr_cfg(path, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts])
 
 
 def prepare_weights(variant: str, workdir: str, seed: int = 0) -> Dict[str, str]:
-    """Random transformers weights for ``variant``, saved and converted for ours.
+    """Random transformers weights for ``variant`` (one with a transformers counterpart),
+    saved and converted for ours.
 
     Returns:
         ``{"transformers": save_pretrained folder, "ours": converted checkpoint}``.
@@ -77,7 +107,8 @@ def prepare_weights(variant: str, workdir: str, seed: int = 0) -> Dict[str, str]
     torch.manual_seed(seed)
     # dropout 0 as ours (MODEL.DAB_DETR.DROPOUT); auxiliary losses as ours (AUX_LOSS)
     config = transformers.DabDetrConfig(
-        num_labels=91, dropout=0.0, auxiliary_loss=True, **VARIANTS[variant][1]
+        num_labels=91, dropout=0.0, auxiliary_loss=True,
+        **VARIANTS[variant].transformers,
     )
     hf_dir = os.path.join(workdir, f"{variant}-transformers")
     transformers.DabDetrForObjectDetection(config).save_pretrained(hf_dir)
@@ -92,6 +123,7 @@ def _build_ours(case: Case) -> torch.nn.Module:
 
     opts = [] if case.num_queries is None else ["MODEL.DAB_DETR.NUM_QUERIES",
                                                 str(case.num_queries)]
+    torch.manual_seed(0)  # random initialisation: the same in every process
     model = build_model(_cfg(case.variant, opts))
     if case.weights is not None:
         model.load_state_dict(torch.load(case.weights, weights_only=True)["model"], strict=True)

@@ -30,13 +30,13 @@ def test_study_runs_two_variants_and_reports(tmp_path, monkeypatch):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- convergence-table -->\nold\n<!-- /convergence-table -->\nend\n")
     argv = ["--output-dir", str(out), "--max-iter", "4", "--eval-period", "2", "--jobs", "2",
-            "--variants", "full", "no_hw_modulation", "--readme", str(readme),
+            "--variants", "full", "dab_deformable_detr", "--readme", str(readme),
             "--opts", *_small_opts()]
     convergence_study.main(argv)
 
     assert (out / "convergence.png").stat().st_size > 10_000
     table = (out / "convergence.md").read_text()
-    for name in ("full", "no_hw_modulation"):
+    for name in ("full", "dab_deformable_detr"):
         # AP, AP50, AP75 and the final training loss, all numbers
         assert re.search(rf"^\| {name} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", table,
                          re.MULTILINE), table
@@ -45,12 +45,19 @@ def test_study_runs_two_variants_and_reports(tmp_path, monkeypatch):
     assert (out / "full" / "study_run.json").exists()
     text = readme.read_text()
     assert text.startswith("intro\n<!-- convergence-table -->\n| variant |") and "old" not in text
-    assert text.endswith("| no_hw_modulation |" + table.split("| no_hw_modulation |")[1]
+    assert text.endswith("| dab_deformable_detr |" + table.split("| dab_deformable_detr |")[1]
                          + "<!-- /convergence-table -->\nend\n")
 
     before = (out / "full" / "train_stdout.txt").stat().st_size
     convergence_study.main(argv)  # finished variants are skipped, the report rewritten
     assert (out / "full" / "train_stdout.txt").stat().st_size == before
+
+
+def test_other_models_run_only_when_named():
+    configs = convergence_study.variant_configs()
+    assert "dab_deformable_detr" in configs and "no_hw_modulation" in configs
+    args = convergence_study.parse_args(["--max-iter", "4"])
+    assert "dab_deformable_detr" not in args.variants and "no_hw_modulation" in args.variants
 
 
 def test_changed_settings_are_refused(tmp_path):

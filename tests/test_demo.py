@@ -15,6 +15,7 @@ from conftest import REPO, config_path, load_cfg
 from dab_detr.data import CLASS_NAMES
 
 SHAPES = config_path("quick_schedules/dab_detr_R_18_shapes.yaml")
+DEFORMABLE_SHAPES = config_path("quick_schedules/dab_deformable_detr_R_18_shapes.yaml")
 
 
 def _load_demo():
@@ -34,16 +35,17 @@ def _image(path, size, seed: int = 0) -> str:
     return str(path)
 
 
-def _run(*args: str, weights: str = ""):
-    return demo.main(["--config-file", SHAPES, *args, "--opts", "MODEL.WEIGHTS", weights,
+def _run(*args: str, weights: str = "", config: str = SHAPES):
+    return demo.main(["--config-file", config, *args, "--opts", "MODEL.WEIGHTS", weights,
                       "MODEL.DEVICE", "cpu"])
 
 
-def test_single_image_to_file_and_json(tmp_path):
+@pytest.mark.parametrize("config", [SHAPES, DEFORMABLE_SHAPES], ids=["dab_detr", "deformable"])
+def test_single_image_to_file_and_json(tmp_path, config):
     src = _image(tmp_path / "in.jpg", (150, 110))
     out, js = tmp_path / "vis" / "out.png", tmp_path / "det.json"
     _run("--input", src, "--output", str(out), "--json", str(js),
-         "--confidence-threshold", "0")
+         "--confidence-threshold", "0", config=config)
     with Image.open(out) as picture:
         assert picture.size == (150, 110)
     records = json.loads(js.read_text())

@@ -7,11 +7,12 @@ how their AP grows.
         [--opts MODEL.DEVICE cuda]
 
 Variants: ``full`` (configs/quick_schedules/dab_detr_R_18_shapes.yaml) and every config in
-configs/quick_schedules/ablations/, named by file. Each runs ``train_net.py`` in a
-subprocess with ``SOLVER.MAX_ITER``, ``SOLVER.STEPS`` scaled from the config's schedule,
-``TEST.EVAL_PERIOD``, ``SEED`` and ``OUTPUT_DIR <output-dir>/<variant>``; its console output
-goes to ``train_stdout.txt`` there. ``--jobs N`` trains N variants at a time, each with
-1/N of the CPU cores (``OMP_NUM_THREADS``). Resume-friendly: a finished variant (its
+configs/quick_schedules/ablations/, named by file; on request (``--variants``) also
+``dab_deformable_detr`` (configs/quick_schedules/dab_deformable_detr_R_18_shapes.yaml). Each
+runs ``train_net.py`` in a subprocess with ``SOLVER.MAX_ITER``, ``SOLVER.STEPS`` scaled from
+the config's schedule, ``TEST.EVAL_PERIOD``, ``SEED`` and ``OUTPUT_DIR <output-dir>/<variant>``;
+its console output goes to ``train_stdout.txt`` there. ``--jobs N`` trains N variants at a
+time, each with 1/N of the CPU cores (``OMP_NUM_THREADS``). Resume-friendly: a finished variant (its
 ``study_run.json`` written) is skipped, an interrupted one continues from its last
 checkpoint with ``--resume``. Finally writes ``convergence.png`` (AP and loss against
 iteration, all variants) and ``convergence.md`` (final AP, AP50, AP75 of each variant, and
@@ -45,11 +46,20 @@ ABLATIONS = os.path.join(REPO, "configs", "quick_schedules", "ablations")
 MARKER = "study_run.json"
 
 
+# Other models of the same size on the same data, run only when named in --variants.
+OTHER_MODELS = {
+    "dab_deformable_detr": os.path.join(REPO, "configs", "quick_schedules",
+                                        "dab_deformable_detr_R_18_shapes.yaml"),
+}
+
+
 def variant_configs() -> Dict[str, str]:
-    """``{"full": the shapes config, <ablation file name>: its config}``, full first."""
+    """``{"full": the shapes config, <ablation file name>: its config, <other model>: its
+    config}``, full first."""
     configs = {"full": FULL_CONFIG}
     for path in sorted(glob.glob(os.path.join(ABLATIONS, "*.yaml"))):
         configs[os.path.splitext(os.path.basename(path))[0]] = path
+    configs.update(OTHER_MODELS)
     return configs
 
 
@@ -170,7 +180,7 @@ def write_report(runs: Dict[str, List[Dict]], output_dir: str, max_iter: int) ->
     return table
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     configs = variant_configs()
     parser = argparse.ArgumentParser(description="DAB-DETR ablations with one budget")
     parser.add_argument("--output-dir", default="output/convergence")
@@ -180,7 +190,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="evaluate every this many iterations (and at the end)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="variants trained at a time, sharing the CPU cores")
-    parser.add_argument("--variants", nargs="+", default=list(configs), choices=list(configs))
+    parser.add_argument("--variants", nargs="+", choices=list(configs),
+                        default=[v for v in configs if v not in OTHER_MODELS],
+                        help="default: the full model and its ablations; also "
+                             f"{', '.join(OTHER_MODELS)} (the same budget)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--readme", default=None, metavar="FILE",
                         help="also write the table between the convergence-table markers of FILE")
@@ -188,6 +201,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config overrides for every run, e.g. MODEL.DEVICE cuda")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    configs = variant_configs()
+    args = parse_args(argv)
     args.output_dir = os.path.abspath(args.output_dir)  # train_net runs from the repository
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.max_iter is None:
@@ -195,8 +216,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         from dab_detr.config import get_dab_detr_cfg
 
         args.max_iter = get_dab_detr_cfg(FULL_CONFIG).SOLVER.MAX_ITER
-    if args.jobs < 1:
-        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, (cores or 1) // args.jobs) if args.jobs > 1 else None
     pool = concurrent.futures.ThreadPoolExecutor(args.jobs)

@@ -17,6 +17,19 @@ The query is ``--query`` or, by default, the one with the highest score. A posit
 the softmax over the image of the positional term of the cross-attention logits alone (see
 dab_detr/modeling/transformer/mechanism.py); it is evaluated on a ``--grid`` of positions
 (default 64 along the longer side; 0: exactly the feature-map tokens the model attends).
+
+For a DAB-Deformable-DETR config (MODEL.META_ARCHITECTURE "DABDeformableDETR"):
+
+  anchors.png                        the learned anchors (two-stage: the encoder's proposals)
+  box_refinement.png                 one query's box after each decoder layer
+  sampling_points_layer<l>.png       that query's sampling points in layer l, one panel per
+                                     feature level, all heads, coloured and sized by their
+                                     attention weight, with the anchor as the level sees it
+
+A level's locations are drawn where its feature map lies on the image (location x of a map of
+width W_l and stride s_l at x * W_l * s_l input pixels; see
+dab_detr/modeling/deformable_transformer/mechanism.py). ``--layer`` and ``--grid`` apply to
+DAB-DETR only.
 """
 
 import dab_detr  # noqa: F401  (first: prepares Detectron2's import, registers DABDETR)
@@ -25,7 +38,7 @@ import dab_detr  # noqa: F401  (first: prepares Detectron2's import, registers D
 import argparse
 import logging
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import matplotlib
 
@@ -43,6 +56,12 @@ from dab_detr.data.images import read_image  # noqa: E402
 
 # the demo's predictor: same weights loading and test-time preprocessing
 from dab_detr.engine.predictor import build_predictor, setup_cfg  # noqa: E402
+from dab_detr.modeling.deformable_transformer.mechanism import (  # noqa: E402
+    SamplingTrace,
+    level_strides,
+    level_to_pixels,
+    trace_sampling,
+)
 from dab_detr.modeling.transformer.mechanism import (  # noqa: E402
     DecoderTrace,
     model_positional_maps,
@@ -56,7 +75,8 @@ TEMPERATURES = (20.0, 10000.0)
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Pictures of DAB-DETR's anchors and attention")
+    parser = argparse.ArgumentParser(
+        description="Pictures of DAB-DETR's (or DAB-Deformable-DETR's) anchors and attention")
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--input", required=True, help="an image")
     parser.add_argument("--output", required=True, help="folder for the PNGs")
@@ -97,7 +117,7 @@ def _show(ax, image: np.ndarray, title: str = "") -> None:
 
 
 def plot_anchors(anchors: torch.Tensor, query: int, image: np.ndarray, path: str,
-                 dpi: int) -> None:
+                 dpi: int, name: str = "learned anchors") -> None:
     """``anchors``: ``(Q, D)`` normalised; the followed query in red."""
     colors = plt.cm.viridis(np.linspace(0, 1, len(anchors)))
     fig, axes = plt.subplots(1, 2, figsize=(11, 6))
@@ -108,12 +128,12 @@ def plot_anchors(anchors: torch.Tensor, query: int, image: np.ndarray, path: str
         for i, anchor in enumerate(anchors.tolist()):
             _box(ax, anchor, size, edgecolor=colors[i], linewidth=1, alpha=0.8)
         _box(ax, anchors[query % len(anchors)].tolist(), size, edgecolor="red", linewidth=2.5)
-    axes[0].set_title(f"{len(anchors)} learned anchors (unit square)", fontsize=10)
+    axes[0].set_title(f"{len(anchors)} {name} (unit square)", fontsize=10)
     axes[1].set_title(f"over the image (red: query {query})", fontsize=10)
     _save(fig, path, dpi)
 
 
-def plot_refinement(trace: DecoderTrace, query: int, image: np.ndarray,
+def plot_refinement(trace: Union[DecoderTrace, SamplingTrace], query: int, image: np.ndarray,
                     class_names: Optional[List[str]], path: str, dpi: int) -> None:
     """The anchor (dashed) and the box each decoder layer predicts for ``query``."""
     layers = [*trace.outputs["aux_outputs"], trace.outputs]
@@ -212,6 +232,110 @@ def _grid(size: int, feature_size: Tuple[int, int], image_hw: Tuple[int, int]):
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
+def plot_sampling_points(trace: SamplingTrace, strides: List[int], layer: int, query: int,
+                         image: np.ndarray, path: str, dpi: int) -> None:
+    """Per level, where ``query`` samples in ``layer`` (all heads; colour and size: the
+    attention weight, one scale for all levels), its anchor scaled to the level, and the
+    level's feature grid."""
+    shapes = trace.spatial_shapes
+    in_h, in_w = trace.image_size
+    # input pixels -> pixels of the drawn image, (x, y)
+    scale = torch.tensor([image.shape[1] / in_w, image.shape[0] / in_h])
+    # (h, L, P, 2): per head, level and point
+    points = level_to_pixels(trace.locations[layer, query], shapes, strides) * scale
+    # (L, 4) cxcywh -> (L, 2, 2) centre and size, scaled as points -> (L, 4) pixels
+    boxes = (level_to_pixels(trace.reference_boxes[layer, query].unflatten(-1, (2, 2)),
+                             shapes, strides) * scale).flatten(-2)
+    weights = trace.weights[layer, query]  # (h, L, P)
+    nheads, n_levels, n_points = weights.shape
+    high = float(weights.max())
+    aspect = image.shape[0] / image.shape[1]
+    fig, axes = plt.subplots(1, n_levels, squeeze=False,
+                             figsize=(3.4 * n_levels + 1.0, 3.4 * aspect + 1.0))
+    for level, ax in enumerate(axes[0]):
+        (h_l, w_l), stride = shapes[level].tolist(), strides[level]
+        _show(ax, (image * 0.5).astype(np.uint8),
+              f"level {level}: {h_l} x {w_l}, stride {stride}\n"
+              f"weight {float(weights[:, level].sum()) / nheads:.2f} of 1")
+        # the level's pixel boundaries: what a sampling point interpolates between
+        ax.vlines(np.arange(w_l + 1) * stride * float(scale[0]), 0, image.shape[0],
+                  colors="white", linewidths=0.3, alpha=0.4)
+        ax.hlines(np.arange(h_l + 1) * stride * float(scale[1]), 0, image.shape[1],
+                  colors="white", linewidths=0.3, alpha=0.4)
+        cx, cy, w, h = boxes[level].tolist()
+        ax.add_patch(Rectangle((cx - w / 2, cy - h / 2), w, h, fill=False, edgecolor="white",
+                               linewidth=1.5))
+        w_level = weights[:, level].flatten()  # (h * P,)
+        dots = ax.scatter(points[:, level, :, 0].flatten(), points[:, level, :, 1].flatten(),
+                          c=w_level, s=8 + 120 * w_level / high, cmap="plasma", vmin=0,
+                          vmax=high, edgecolors="black", linewidths=0.3, zorder=3)
+        ax.set_xlim(0, image.shape[1])
+        ax.set_ylim(image.shape[0], 0)
+    fig.suptitle(f"layer {layer}, query {query}: {nheads} heads x {n_points} points per level",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.colorbar(dots, ax=list(axes[0]), shrink=0.8, label="attention weight")
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def _pick_query(parser: argparse.ArgumentParser, outputs: Dict, query: Optional[int]):
+    """``(query, its score)``: ``query``, or the query with the highest score."""
+    scores = outputs["pred_logits"][0].sigmoid().max(-1).values  # (NQ,)
+    query = int(scores.argmax()) if query is None else query
+    if not 0 <= query < len(scores):
+        parser.error(f"--query {query}: the model has {len(scores)} queries")
+    return query, float(scores[query])
+
+
+def _output_paths(folder: str) -> Callable[[str], str]:
+    """Create ``folder``; the path of a file name in it."""
+    os.makedirs(folder, exist_ok=True)
+    return lambda name: os.path.join(folder, name)
+
+
+def dab_detr_pictures(args: argparse.Namespace, parser: argparse.ArgumentParser, model,
+                      images, image: np.ndarray, class_names: Optional[List[str]]) -> None:
+    trace = trace_decoder(model, images)
+    query, score = _pick_query(parser, trace.outputs, args.query)
+    num_layers = trace.anchors.shape[0]
+    layer = args.layer % num_layers
+    grid = _grid(args.grid, trace.feature_size, image.shape[:2])
+    out = _output_paths(args.output)
+
+    anchors = model.anchors().sigmoid().detach().cpu()  # (Q, D)
+    plot_anchors(anchors, query, image, out("anchors.png"), args.dpi)
+    plot_refinement(trace, query, image, class_names, out("box_refinement.png"), args.dpi)
+    for i in range(num_layers):
+        plot_layer_maps(model, trace, i, query, image, grid,
+                        out(f"positional_attention_layer{i}.png"), args.dpi)
+    plot_temperatures(model, trace, layer, query, image, grid,
+                      out("positional_attention_temperature.png"), args.dpi)
+    logger.info("query %d (score %.3f): anchor %s; pictures in %s", query, score,
+                [round(v, 3) for v in trace.anchors[0, query].tolist()], args.output)
+
+
+def deformable_pictures(args: argparse.Namespace, parser: argparse.ArgumentParser, model,
+                        images, image: np.ndarray, class_names: Optional[List[str]]) -> None:
+    trace = trace_sampling(model, images)
+    query, score = _pick_query(parser, trace.outputs, args.query)
+    out = _output_paths(args.output)
+
+    if model.two_stage:  # no learned anchors: the decoder starts from the encoder's proposals
+        plot_anchors(trace.anchors[0].cpu(), query, image, out("anchors.png"), args.dpi,
+                     name="encoder proposals")
+    else:
+        anchors = model.anchors().sigmoid().detach().cpu()  # (Q, 4)
+        plot_anchors(anchors, query, image, out("anchors.png"), args.dpi)
+    plot_refinement(trace, query, image, class_names, out("box_refinement.png"), args.dpi)
+    strides = level_strides(model)
+    for i in range(trace.anchors.shape[0]):
+        plot_sampling_points(trace, strides, i, query, image,
+                             out(f"sampling_points_layer{i}.png"), args.dpi)
+    logger.info("query %d (score %.3f): anchor %s; pictures in %s", query, score,
+                [round(v, 3) for v in trace.anchors[0, query].tolist()], args.output)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -227,30 +351,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if cfg.INPUT.FORMAT == "RGB":
         resized = resized[:, :, ::-1]
     tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
-    trace = trace_decoder(model, model.preprocess_image([{"image": tensor}]))
+    images = model.preprocess_image([{"image": tensor}])
     image = np.ascontiguousarray(original[:, :, ::-1])  # RGB, for drawing
-
-    scores = trace.outputs["pred_logits"][0].sigmoid().max(-1).values  # (NQ,)
-    query = int(scores.argmax()) if args.query is None else args.query
-    if not 0 <= query < len(scores):
-        parser.error(f"--query {query}: the model has {len(scores)} queries")
-    num_layers = trace.anchors.shape[0]
-    layer = args.layer % num_layers
-    grid = _grid(args.grid, trace.feature_size, image.shape[:2])
-    os.makedirs(args.output, exist_ok=True)
-    out = lambda name: os.path.join(args.output, name)  # noqa: E731
-
-    anchors = model.anchors().sigmoid().detach().cpu()  # (Q, D)
-    plot_anchors(anchors, query, image, out("anchors.png"), args.dpi)
-    plot_refinement(trace, query, image, metadata.get("thing_classes", None),
-                    out("box_refinement.png"), args.dpi)
-    for i in range(num_layers):
-        plot_layer_maps(model, trace, i, query, image, grid,
-                        out(f"positional_attention_layer{i}.png"), args.dpi)
-    plot_temperatures(model, trace, layer, query, image, grid,
-                      out("positional_attention_temperature.png"), args.dpi)
-    logger.info("query %d (score %.3f): anchor %s; pictures in %s", query, scores[query],
-                [round(v, 3) for v in trace.anchors[0, query].tolist()], args.output)
+    pictures = (deformable_pictures if cfg.MODEL.META_ARCHITECTURE == "DABDeformableDETR"
+                else dab_detr_pictures)
+    pictures(args, parser, model, images, image, metadata.get("thing_classes", None))
 
 
 if __name__ == "__main__":

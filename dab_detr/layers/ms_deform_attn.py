@@ -15,7 +15,7 @@ bottom-right corner (padding area included).
 """
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +127,53 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.zeros_(self.output_proj.bias)
 
+    def sampling_locations_and_weights(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Where each query samples and how much each sample weighs (what ``forward`` feeds
+        ``multi_scale_deformable_attention``; public so that pictures can show it).
+
+        Args:
+            query, reference_points: as in ``forward``.
+            spatial_shapes: ``(L, 2)`` long, ``(H_l, W_l)`` per level.
+
+        Returns:
+            locations: ``(B, Q, h, L, P, 2)`` normalised ``(x, y)`` in each level's padded map.
+            weights: ``(B, Q, h, L, P)``, summing to 1 over L * P per query and head.
+
+        Raises:
+            ValueError: if the last dimension of ``reference_points`` is not 2 or 4.
+        """
+        b, q, _ = query.shape
+        h, n_levels, n_points = self.n_heads, self.n_levels, self.n_points
+        # (B, Q, h * L * P * 2) -> (B, Q, h, L, P, 2)
+        offsets = self.sampling_offsets(query).view(b, q, h, n_levels, n_points, 2)
+        # (B, Q, h * L * P) -> (B, Q, h, L * P): one softmax over all levels and points
+        weights = self.attention_weights(query).view(b, q, h, n_levels * n_points)
+        # (B, Q, h, L * P) -> (B, Q, h, L, P)
+        weights = weights.softmax(dim=-1).view(b, q, h, n_levels, n_points)
+        if reference_points.shape[-1] == 2:
+            # (L, 2) (H_l, W_l) -> (W_l, H_l), the (x, y) order of the offsets
+            normalizer = spatial_shapes.flip(-1).to(offsets.dtype)
+            # (B, Q, L, 2) -> (B, Q, 1, L, 1, 2) + (B, Q, h, L, P, 2) / (1, 1, 1, L, 1, 2)
+            locations = (
+                reference_points[:, :, None, :, None, :]
+                + offsets / normalizer[None, None, None, :, None, :]
+            )
+        elif reference_points.shape[-1] == 4:
+            # (B, Q, L, 4) -> (B, Q, 1, L, 1, 4): centre plus offsets scaled by the half-size
+            boxes = reference_points[:, :, None, :, None, :]
+            locations = boxes[..., :2] + offsets / n_points * boxes[..., 2:] * 0.5
+        else:
+            raise ValueError(
+                "the last dimension of reference_points must be 2 (points) or 4 (boxes), "
+                f"got {reference_points.shape[-1]}"
+            )
+        return locations, weights
+
     def forward(
         self,
         query: torch.Tensor,
@@ -157,38 +204,16 @@ class MSDeformAttn(nn.Module):
         Raises:
             ValueError: if the last dimension of ``reference_points`` is not 2 or 4.
         """
-        b, q, _ = query.shape
-        s = input_flatten.shape[1]
-        h, n_levels, n_points = self.n_heads, self.n_levels, self.n_points
+        b, s, _ = input_flatten.shape
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             # padding tokens contribute zeros, as if they lay outside the map
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         # (B, S, C) -> (B, S, h, d)
-        value = value.view(b, s, h, self.d_model // h)
-        # (B, Q, h * L * P * 2) -> (B, Q, h, L, P, 2)
-        offsets = self.sampling_offsets(query).view(b, q, h, n_levels, n_points, 2)
-        # (B, Q, h * L * P) -> (B, Q, h, L * P): one softmax over all levels and points
-        weights = self.attention_weights(query).view(b, q, h, n_levels * n_points)
-        # (B, Q, h, L * P) -> (B, Q, h, L, P)
-        weights = weights.softmax(dim=-1).view(b, q, h, n_levels, n_points)
-        if reference_points.shape[-1] == 2:
-            # (L, 2) (H_l, W_l) -> (W_l, H_l), the (x, y) order of the offsets
-            normalizer = input_spatial_shapes.flip(-1).to(offsets.dtype)
-            # (B, Q, L, 2) -> (B, Q, 1, L, 1, 2) + (B, Q, h, L, P, 2) / (1, 1, 1, L, 1, 2)
-            locations = (
-                reference_points[:, :, None, :, None, :]
-                + offsets / normalizer[None, None, None, :, None, :]
-            )
-        elif reference_points.shape[-1] == 4:
-            # (B, Q, L, 4) -> (B, Q, 1, L, 1, 4): centre plus offsets scaled by the half-size
-            boxes = reference_points[:, :, None, :, None, :]
-            locations = boxes[..., :2] + offsets / n_points * boxes[..., 2:] * 0.5
-        else:
-            raise ValueError(
-                "the last dimension of reference_points must be 2 (points) or 4 (boxes), "
-                f"got {reference_points.shape[-1]}"
-            )
+        value = value.view(b, s, self.n_heads, self.d_model // self.n_heads)
+        locations, weights = self.sampling_locations_and_weights(
+            query, reference_points, input_spatial_shapes
+        )
         output = multi_scale_deformable_attention(
             value, input_spatial_shapes, locations, weights
         )
