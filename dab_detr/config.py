@@ -67,6 +67,20 @@ def add_dab_detr_config(cfg: CN) -> None:
     d.SET_COST_BBOX = 5.0
     d.SET_COST_GIOU = 2.0
 
+    # Denoising training (DN-DETR, Li et al., CVPR 2022) for both meta-architectures: noised
+    # copies of the ground truth as extra decoder queries that reconstruct their object.
+    d.DN = CN()
+    # The DN-DETR model: a label embedding gives the content queries (DAB-DETR: of the
+    # matching queries too, the "no object" row; DAB-Deformable-DETR: a learned C - 1 wide
+    # content plus the indicator bit), and training adds the denoising queries and losses.
+    d.DN.ENABLED = False
+    # Groups of noised copies of every ground-truth object.
+    d.DN.NUM_GROUPS = 5
+    # Probability that a denoising query's label is replaced by a random class.
+    d.DN.LABEL_NOISE = 0.2
+    # Box jitter: centres move by up to BOX_NOISE * (w/2, h/2), sizes by up to BOX_NOISE * (w, h).
+    d.DN.BOX_NOISE = 0.4
+
     # DAB-Deformable-DETR (MODEL.META_ARCHITECTURE "DABDeformableDETR"): multi-scale deformable
     # attention over the maps of MODEL.RESNETS.OUT_FEATURES (res3, res4, res5: strides 8-32),
     # plus stride-2 3x3 convolutions on the last for the remaining levels. The keys above

@@ -3,18 +3,26 @@ tools/plot_metrics.py: the positional attention of an anchor peaks at its centre
 with w_ref / w and with a lower temperature; a traced model's queries and maps are exactly
 what its decoder computed."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from typing import Tuple
 
+import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
 from PIL import Image
 
-from conftest import REPO, load_cfg
+from conftest import REPO, config_path, load_cfg
+from dab_detr.layers import multi_scale_deformable_attention
+from dab_detr.modeling.deformable_transformer.mechanism import (
+    level_strides,
+    level_to_pixels,
+    trace_sampling,
+)
 from dab_detr.modeling.transformer import modulate_hw
 from dab_detr.modeling.transformer.mechanism import (
     image_position_keys,
@@ -185,3 +193,119 @@ def test_plot_metrics_writes_a_png(tmp_path):
     assert result.returncode == 0, result.stderr
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size[0] > 200 and image.size[1] > 200
+
+
+DEFORMABLE = "quick_schedules/dab_deformable_detr_R_18_shapes.yaml"
+
+
+def _sampling_trace(size: Tuple[int, int] = (96, 128)):
+    """A random-weights shapes DAB-Deformable-DETR whose cross-attentions sample off their
+    initial grid with unequal weights and whose box heads move the anchors, traced on one
+    ``size`` (h, w) image; with every cross-attention call as the test's own hook saw it,
+    ``(args, output)``."""
+    model = build_model(load_cfg(DEFORMABLE)).eval()
+    with torch.no_grad():
+        for layer in model.transformer.decoder.layers:
+            layer.cross_attn.sampling_offsets.weight.normal_(0, 0.05)
+            layer.cross_attn.attention_weights.weight.normal_(0, 0.3)
+        for head in model.bbox_embed:
+            head.layers[-1].weight.normal_(0, 0.1)
+    images = model.preprocess_image([{"image": torch.rand(3, *size) * 255}])
+    calls = []
+    hooks = [layer.cross_attn.register_forward_hook(
+        lambda module, args, output: calls.append((args, output)))
+        for layer in model.transformer.decoder.layers]
+    trace = trace_sampling(model, images)
+    for hook in hooks:
+        hook.remove()
+    return model, images, trace, calls
+
+
+def test_sampling_trace_is_what_the_cross_attention_used():
+    model, images, trace, calls = _sampling_trace()
+    layers = model.transformer.decoder.layers
+    ca = layers[0].cross_attn
+    shape = (len(layers), 30, ca.n_heads, ca.n_levels, ca.n_points)
+    assert trace.locations.shape == (*shape, 2) and trace.weights.shape == shape
+    assert len(calls) == len(layers)
+    for n, ((_, reference, memory, shapes, _, mask), output) in enumerate(calls):
+        ca = layers[n].cross_attn
+        torch.testing.assert_close(trace.reference_boxes[n], reference[0])
+        torch.testing.assert_close(trace.spatial_shapes, shapes)
+        with torch.no_grad():
+            value = ca.value_proj(memory).masked_fill(mask[..., None], 0.0)
+            # (1, S, C) -> (1, S, h, C / h)
+            value = value.unflatten(-1, (ca.n_heads, -1))
+            rebuilt = ca.output_proj(multi_scale_deformable_attention(
+                value, shapes, trace.locations[n][None], trace.weights[n][None]))
+        torch.testing.assert_close(rebuilt, output)
+    # the anchors each layer used: the learned ones, then each layer's refined boxes
+    torch.testing.assert_close(trace.anchors[0], model.queries(1)[1][0])
+    boxes = [aux["pred_boxes"][0] for aux in trace.outputs["aux_outputs"]]
+    torch.testing.assert_close(trace.anchors[1:], torch.stack(boxes))
+    with torch.no_grad():
+        outputs = model.forward_predictions(images)
+    torch.testing.assert_close(trace.outputs["pred_boxes"], outputs["pred_boxes"])
+
+
+def test_sampling_weights_sum_to_one_over_levels_and_points_per_head():
+    _, _, trace, _ = _sampling_trace()
+    n, nq, h, levels, points = trace.weights.shape
+    torch.testing.assert_close(trace.weights.sum((-2, -1)), torch.ones(n, nq, h))
+    # not the uniform weights of the initialisation, whose sum would prove nothing
+    assert not torch.allclose(trace.weights, torch.full_like(trace.weights, 1 / (levels * points)))
+
+
+def test_level_to_pixels_puts_an_unpadded_level_centre_at_the_image_centre():
+    # 128 x 192: a multiple of every stride, so that each map covers the image exactly
+    model, _, trace, _ = _sampling_trace((128, 192))
+    strides = level_strides(model)
+    assert strides == [16, 32, 64]
+    expected_shapes = torch.tensor([[8, 12], [4, 6], [2, 3]])
+    torch.testing.assert_close(trace.spatial_shapes, expected_shapes)
+    torch.testing.assert_close(trace.valid_sizes, expected_shapes)  # one image: no padding
+    assert trace.image_size == (128, 192)
+    # (L, 2, 2): per level, the centre and the bottom-right corner of the map
+    corners = torch.tensor([[0.5, 0.5], [1.0, 1.0]]).expand(3, 2, 2)
+    pixels = level_to_pixels(corners, trace.spatial_shapes, strides)
+    torch.testing.assert_close(pixels, torch.tensor([[96.0, 64.0], [192.0, 128.0]]).expand(3, 2, 2))
+    # a level's reference box lands where the image-normalised anchor is
+    boxes = level_to_pixels(trace.reference_boxes.unflatten(-1, (2, 2)), trace.spatial_shapes,
+                            strides).flatten(-2)  # (N, NQ, L, 4)
+    scale = torch.tensor([192.0, 128.0, 192.0, 128.0])
+    torch.testing.assert_close(boxes, (trace.anchors * scale)[:, :, None].expand_as(boxes))
+
+
+def test_sampling_trace_refuses_a_batch():
+    model = build_model(load_cfg(DEFORMABLE)).eval()
+    images = model.preprocess_image([{"image": torch.zeros(3, 32, 32)}] * 2)
+    with pytest.raises(ValueError, match="one image"):
+        trace_sampling(model, images)
+
+
+def _load_tool():
+    path = os.path.join(REPO, "tools", "visualize_mechanism.py")
+    spec = importlib.util.spec_from_file_location("visualize_mechanism", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("config, pictures", [
+    (DEFORMABLE, ["sampling_points_layer0.png", "sampling_points_layer1.png",
+                  "sampling_points_layer2.png"]),
+    (SHAPES, ["positional_attention_layer0.png", "positional_attention_layer1.png",
+              "positional_attention_layer2.png", "positional_attention_temperature.png"]),
+])
+def test_visualize_mechanism_writes_its_pictures(tmp_path, config, pictures):
+    src = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (110, 150, 3), dtype=np.uint8)
+                    ).save(src)
+    out = tmp_path / "vis"
+    _load_tool().main(["--config-file", config_path(config), "--input", str(src),
+                       "--output", str(out), "--grid", "16", "--dpi", "40",
+                       "--opts", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    assert sorted(os.listdir(out)) == sorted(["anchors.png", "box_refinement.png", *pictures])
+    for name in os.listdir(out):
+        with Image.open(out / name) as picture:
+            assert picture.format == "PNG" and min(picture.size) > 100

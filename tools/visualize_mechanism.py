@@ -267,7 +267,7 @@ def plot_sampling_points(trace: SamplingTrace, strides: List[int], layer: int, q
                                linewidth=1.5))
         w_level = weights[:, level].flatten()  # (h * P,)
         dots = ax.scatter(points[:, level, :, 0].flatten(), points[:, level, :, 1].flatten(),
-                          c=w_level, s=8 + 120 * w_level / high, cmap="plasma", vmin=0,
+                          c=w_level, s=4 + 36 * w_level / high, cmap="plasma", vmin=0,
                           vmax=high, edgecolors="black", linewidths=0.3, zorder=3)
         ax.set_xlim(0, image.shape[1])
         ax.set_ylim(image.shape[0], 0)

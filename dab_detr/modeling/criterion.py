@@ -91,17 +91,52 @@ class SetCriterion(nn.Module):
         Returns:
             Unweighted losses: ``loss_ce``, ``loss_bbox``, ``loss_giou``, then the same
             with suffix ``_i`` for auxiliary layer i, and ``_enc`` for the proposals, which
-            are matched class-agnostically (every target of class 0), as in Deformable DETR.
+            are matched class-agnostically (every target of class 0), as in Deformable DETR;
+            with ``dn_outputs``, the denoising terms of :meth:`denoising_losses`.
         """
         num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
         losses = self._layer_losses(outputs, targets, num_boxes)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             aux_losses = self._layer_losses(aux, targets, num_boxes)
             losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
+        if "dn_outputs" in outputs:
+            losses.update(self.denoising_losses(outputs["dn_outputs"], num_boxes))
         if "enc_outputs" in outputs:
             agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             enc_losses = self._layer_losses(outputs["enc_outputs"], agnostic, num_boxes)
             losses.update({f"{k}_enc": v for k, v in enc_losses.items()})
+        return losses
+
+    def denoising_losses(self, dn: Dict, num_boxes: float) -> Dict[str, torch.Tensor]:
+        """Focal, L1 and GIoU losses of every decoder layer between each denoising query and
+        the object it was made from (no matching; padding slots take no part).
+
+        Args:
+            dn: ``pred_logits`` ``(L, B, PAD, K)`` and ``pred_boxes`` ``(L, B, PAD, 4)`` of the
+                denoising queries, and ``batch_idx``, ``slot``, ``labels``, ``boxes``,
+                ``num_groups`` of :class:`~dab_detr.modeling.denoising.DenoisingQueries`.
+            num_boxes: the matching loss's normaliser; these terms are divided by it times the
+                number of groups (each object is reconstructed once per group).
+
+        Returns:
+            ``loss_ce_dn``, ``loss_bbox_dn``, ``loss_giou_dn`` of the last layer, and with
+            suffix ``_i`` those of layer i < L - 1.
+        """
+        # the real queries, group-major: (L, G * N, K) and (L, G * N, 4)
+        logits = dn["pred_logits"][:, dn["batch_idx"], dn["slot"]]
+        boxes = dn["pred_boxes"][:, dn["batch_idx"], dn["slot"]]
+        target = [{"labels": dn["labels"], "boxes": dn["boxes"]}]
+        identity = torch.arange(len(dn["labels"]), device=logits.device)
+        indices = [(identity, identity)]  # query i reconstructs object i
+        norm = num_boxes * dn["num_groups"]
+        layers = len(logits)
+        losses = {}
+        for layer in range(layers):
+            out = {"pred_logits": logits[layer][None], "pred_boxes": boxes[layer][None]}
+            terms = self.loss_labels(out, target, indices, norm)
+            terms.update(self.loss_boxes(out, target, indices, norm))
+            suffix = "_dn" if layer == layers - 1 else f"_dn_{layer}"
+            losses.update({k + suffix: v for k, v in terms.items()})
         return losses
 
     @staticmethod

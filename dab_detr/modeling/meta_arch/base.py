@@ -10,7 +10,7 @@ size of the (unpadded) input image.
 """
 
 import math
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from detectron2.config import CfgNode
@@ -21,9 +21,15 @@ from torchvision.ops import box_convert
 
 from ...layers import inverse_sigmoid
 from ..criterion import SetCriterion
+from ..denoising import DenoisingQueries, make_denoising_queries
 from ..matcher import HungarianMatcher
 
-__all__ = ["SetPredictionDetector", "build_set_criterion", "init_heads"]
+__all__ = [
+    "SetPredictionDetector",
+    "build_set_criterion",
+    "denoising_from_config",
+    "init_heads",
+]
 
 
 class SetPredictionDetector(nn.Module):
@@ -67,6 +73,62 @@ class SetPredictionDetector(nn.Module):
             self.refpoint_embed = nn.Embedding(num_queries, query_dim)
             self.refpoint_xy: Optional[torch.Tensor] = None
 
+    def _init_denoising(
+        self, denoising: Optional[Dict[str, Any]], num_classes: int, hidden_dim: int
+    ) -> None:
+        """With ``denoising`` (``num_groups``, ``label_noise``, ``box_noise``), the label
+        embedding ``label_enc`` of DN-DETR: ``K + 1`` rows (the last: "no object") of width
+        C - 1, the last channel being the indicator bit."""
+        self.denoising = denoising
+        self.num_classes = num_classes
+        if denoising is not None:
+            self.label_enc = nn.Embedding(num_classes + 1, hidden_dim - 1)
+
+    def make_denoising(
+        self, targets: Optional[List[Dict]], num_matching: int
+    ) -> Optional[DenoisingQueries]:
+        """The denoising queries of a training batch; None at inference or without DN."""
+        if self.denoising is None or not self.training or targets is None:
+            return None
+        return make_denoising_queries(targets, self.label_enc, num_classes=self.num_classes,
+                                      num_matching=num_matching, **self.denoising)
+
+    @staticmethod
+    def predictions(
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        with_aux: bool,
+        dn: Optional[DenoisingQueries] = None,
+    ) -> Dict[str, Any]:
+        """The criterion's input from every (or the last) decoder layer's predictions.
+
+        Args:
+            logits: ``(N, B, T, K)`` of N layers, the last one last.
+            boxes: ``(N, B, T, 4)``.
+            with_aux: N is every layer: also ``aux_outputs``.
+            dn: the denoising queries, the first ``PAD`` of the T.
+
+        Returns:
+            ``pred_logits`` ``(B, NQ, K)``, ``pred_boxes`` ``(B, NQ, 4)`` of the matching
+            queries, ``aux_outputs`` (a list of such dicts) with ``with_aux``, and with ``dn``
+            ``dn_outputs``: the denoising queries' predictions and targets.
+        """
+        outputs: Dict[str, Any] = {}
+        if dn is not None:
+            pad = dn.pad_size
+            outputs["dn_outputs"] = {
+                "pred_logits": logits[:, :, :pad], "pred_boxes": boxes[:, :, :pad],
+                "batch_idx": dn.batch_idx, "slot": dn.slot, "labels": dn.labels,
+                "boxes": dn.boxes, "num_groups": dn.num_groups,
+            }
+            logits, boxes = logits[:, :, pad:], boxes[:, :, pad:]
+        outputs.update(pred_logits=logits[-1], pred_boxes=boxes[-1])
+        if with_aux:
+            outputs["aux_outputs"] = [
+                {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
+            ]
+        return outputs
+
     def anchors(self) -> torch.Tensor:
         """``(Q, D)`` the learned anchors before the sigmoid."""
         if self.refpoint_xy is None:
@@ -92,10 +154,12 @@ class SetPredictionDetector(nn.Module):
         cols = torch.arange(w, device=sizes.device)[None, None, :] >= sizes[:, 1, None, None]
         return rows | cols
 
-    def forward_predictions(self, images: ImageList, with_aux: bool = True) -> Dict:
+    def forward_predictions(
+        self, images: ImageList, with_aux: bool = True, targets: Optional[List[Dict]] = None
+    ) -> Dict:
         """``pred_logits`` ``(B, NQ, K)`` and ``pred_boxes`` ``(B, NQ, 4)`` of the last decoder
         layer, with ``with_aux`` also ``aux_outputs`` (one such dict per earlier layer) and
-        whatever else the criterion reads."""
+        whatever else the criterion reads; ``targets`` (training) feed denoising queries."""
         raise NotImplementedError
 
     def losses(self, outputs: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
@@ -119,9 +183,11 @@ class SetPredictionDetector(nn.Module):
             ``scores`` and ``pred_classes``.
         """
         images = self.preprocess_image(batched_inputs)
-        outputs = self.forward_predictions(images, with_aux=self.training and self.aux_loss)
         if self.training:
-            return self.losses(outputs, self.prepare_targets(batched_inputs, images))
+            targets = self.prepare_targets(batched_inputs, images)
+            outputs = self.forward_predictions(images, with_aux=self.aux_loss, targets=targets)
+            return self.losses(outputs, targets)
+        outputs = self.forward_predictions(images, with_aux=False)
         results = self.inference(outputs["pred_logits"], outputs["pred_boxes"],
                                  images.image_sizes)
         processed = []
@@ -176,7 +242,9 @@ def _to_float32(outputs):
         return {k: _to_float32(v) for k, v in outputs.items()}
     if isinstance(outputs, list):
         return [_to_float32(v) for v in outputs]
-    return outputs.float() if outputs.is_floating_point() else outputs
+    if torch.is_tensor(outputs) and outputs.is_floating_point():
+        return outputs.float()
+    return outputs
 
 
 def init_heads(class_heads: List[nn.Linear], box_heads: List[nn.Module]) -> None:
@@ -194,14 +262,33 @@ def build_set_criterion(cfg: CfgNode, extra_suffixes: List[str] = ()) -> SetCrit
     """The matcher and criterion of ``MODEL.DAB_DETR``: focal, L1 and GIoU terms weighted by
     ``CLASS_WEIGHT``, ``BBOX_WEIGHT``, ``GIOU_WEIGHT`` for the last decoder layer and, with
     ``AUX_LOSS``, every earlier one (``loss_ce_0``, ...), and for each of ``extra_suffixes``
-    (e.g. ``"enc"``: the two-stage proposals' ``loss_ce_enc``, ...)."""
+    (e.g. ``"enc"``: the two-stage proposals' ``loss_ce_enc``, ...). With ``DN.ENABLED``, the
+    denoising terms of every layer (``loss_ce_dn``, ``loss_ce_dn_0``, ...) weigh the same as
+    the matching ones, as in DN-DETR."""
     d = cfg.MODEL.DAB_DETR
     matcher = HungarianMatcher(
         d.SET_COST_CLASS, d.SET_COST_BBOX, d.SET_COST_GIOU, d.FOCAL_ALPHA, d.FOCAL_GAMMA
     )
     base = {"loss_ce": d.CLASS_WEIGHT, "loss_bbox": d.BBOX_WEIGHT, "loss_giou": d.GIOU_WEIGHT}
-    suffixes = [str(i) for i in range(d.DEC_LAYERS - 1)] if d.AUX_LOSS else []
+    layers = [str(i) for i in range(d.DEC_LAYERS - 1)] if d.AUX_LOSS else []
+    suffixes = layers + list(extra_suffixes)
+    if d.DN.ENABLED:
+        suffixes += ["dn"] + [f"dn_{i}" for i in layers]
     weights = dict(base)
-    weights.update({f"{k}_{s}": w for s in suffixes + list(extra_suffixes)
-                    for k, w in base.items()})
+    weights.update({f"{k}_{s}": w for s in suffixes for k, w in base.items()})
     return SetCriterion(d.NUM_CLASSES, matcher, weights, d.FOCAL_ALPHA, d.FOCAL_GAMMA)
+
+
+def denoising_from_config(cfg: CfgNode) -> Optional[Dict[str, Any]]:
+    """``MODEL.DAB_DETR.DN`` as the keyword arguments of ``make_denoising_queries``, or None
+    when it is off."""
+    dn = cfg.MODEL.DAB_DETR.DN
+    if not dn.ENABLED:
+        return None
+    if dn.NUM_GROUPS < 1 or not 0 <= dn.LABEL_NOISE <= 1 or dn.BOX_NOISE < 0:
+        raise ValueError(
+            f"MODEL.DAB_DETR.DN: NUM_GROUPS={dn.NUM_GROUPS} (needs >= 1), "
+            f"LABEL_NOISE={dn.LABEL_NOISE} (needs [0, 1]), BOX_NOISE={dn.BOX_NOISE} (needs >= 0)"
+        )
+    return {"num_groups": dn.NUM_GROUPS, "label_noise": dn.LABEL_NOISE,
+            "box_noise": dn.BOX_NOISE}

@@ -8,7 +8,7 @@ Shapes: B batch, C channels, L levels, Q anchors, NQ decoder queries, K classes,
 layers. Boxes inside the model are cxcywh normalised by the size of the (unpadded) input image.
 """
 
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,12 @@ from torch import nn
 from ...layers import MLP, PositionEmbeddingSine
 from ..criterion import SetCriterion
 from ..deformable_transformer import DABDeformableTransformer
-from .base import SetPredictionDetector, build_set_criterion, init_heads
+from .base import (
+    SetPredictionDetector,
+    build_set_criterion,
+    denoising_from_config,
+    init_heads,
+)
 from .dab_detr import ACTIVATIONS
 
 __all__ = ["DABDeformableDETR"]
@@ -61,6 +66,7 @@ class DABDeformableDETR(SetPredictionDetector):
         num_queries: int,
         num_patterns: int = 0,
         random_refpoints_xy: bool = False,
+        denoising: Optional[Dict[str, Any]] = None,
         criterion: SetCriterion,
         aux_loss: bool = True,
         num_select: int = 100,
@@ -80,6 +86,9 @@ class DABDeformableDETR(SetPredictionDetector):
             num_patterns: learned content patterns P, each added to every content query
                 (NQ = Q * max(P, 1)); 0: none.
             random_refpoints_xy: anchor centres drawn uniformly in [0, 1] and never trained.
+            denoising: DN-DAB-Deformable-DETR (``num_groups``, ``label_noise``,
+                ``box_noise``): the learned content queries are C - 1 wide plus the indicator
+                0, and training adds denoising queries; None: DAB-Deformable-DETR.
             others: see ``SetPredictionDetector``.
         """
         super().__init__(backbone=backbone, criterion=criterion, aux_loss=aux_loss,
@@ -97,8 +106,10 @@ class DABDeformableDETR(SetPredictionDetector):
         self.bbox_embed = bbox_embed
         self.two_stage = transformer.proposals is not None
         self.num_patterns = num_patterns
+        self._init_denoising(denoising, class_embed[0].out_features, hidden_dim)
         if not self.two_stage:
-            self.tgt_embed = nn.Embedding(num_queries, hidden_dim)
+            # with denoising, the last channel is the indicator bit (0 for these queries)
+            self.tgt_embed = nn.Embedding(num_queries, hidden_dim - int(denoising is not None))
             self._init_anchors(num_queries, 4, random_refpoints_xy)
             if num_patterns > 0:
                 self.patterns_embed = nn.Embedding(num_patterns, hidden_dim)
@@ -147,6 +158,7 @@ class DABDeformableDETR(SetPredictionDetector):
             "num_queries": d.NUM_QUERIES,
             "num_patterns": d.NUM_PATTERNS,
             "random_refpoints_xy": d.RANDOM_REFPOINTS_XY,
+            "denoising": denoising_from_config(cfg),
             "criterion": build_set_criterion(cfg, ["enc"] if two_stage else []),
             "aux_loss": d.AUX_LOSS,
             "num_select": d.NUM_SELECT,
@@ -179,7 +191,12 @@ class DABDeformableDETR(SetPredictionDetector):
     def queries(self, batch_size: int):
         """``(B, NQ, C)`` content queries and ``(B, NQ, 4)`` anchors in [0, 1]; query
         ``p * Q + q`` pairs pattern p with anchor q."""
-        tgt = self.tgt_embed.weight  # (Q, C)
+        tgt = self.tgt_embed.weight  # (Q, C), or (Q, C - 1) with denoising
+        if self.denoising is not None:
+            # the indicator 0; label_enc's zero term keeps it in the graph (DDP needs every
+            # parameter used) when a batch has no object to make denoising queries of
+            indicator = self.label_enc.weight[:1, :1] * 0
+            tgt = torch.cat([tgt, indicator.expand(len(tgt), 1)], 1)
         anchors = self.anchors().sigmoid()  # (Q, 4)
         if self.num_patterns > 0:
             patterns = self.patterns_embed.weight  # (P, C)
@@ -189,29 +206,35 @@ class DABDeformableDETR(SetPredictionDetector):
         return (tgt.unsqueeze(0).expand(batch_size, -1, -1),
                 anchors.unsqueeze(0).expand(batch_size, -1, -1))
 
-    def forward_predictions(self, images: ImageList, with_aux: bool = True) -> Dict:
+    def forward_predictions(
+        self, images: ImageList, with_aux: bool = True, targets: Optional[List[Dict]] = None
+    ) -> Dict[str, Any]:
         """Raw predictions: see ``SetPredictionDetector.forward_predictions``. With two stages
         and ``with_aux``, also ``enc_outputs``: the encoder proposals' ``pred_logits``
         ``(B, S, K)`` and ``pred_boxes`` ``(B, S, 4)``."""
         srcs, masks, pos = self.multi_scale_inputs(images)
+        dn = None
         if self.two_stage:
             out = self.transformer(srcs, masks, pos,
                                    enc_heads=[self.class_embed[-1], self.bbox_embed[-1]])
         else:
             tgt, anchors = self.queries(images.tensor.shape[0])
-            out = self.transformer(srcs, masks, pos, tgt, anchors)
-        hs, boxes = out["hs"], out["boxes"]  # (N, B, NQ, C), (N, B, NQ, 4)
+            dn = self.make_denoising(targets, anchors.shape[1])
+            mask = None
+            if dn is not None:
+                # the denoising queries first: (B, PAD + NQ, C) and (B, PAD + NQ, 4)
+                tgt = torch.cat([dn.content, tgt], 1)
+                anchors = torch.cat([dn.anchors.sigmoid(), anchors], 1)
+                mask = dn.attn_mask
+            out = self.transformer(srcs, masks, pos, tgt, anchors, self_attn_mask=mask)
+        hs, boxes = out["hs"], out["boxes"]  # (N, B, T, C), (N, B, T, 4)
         num_layers = hs.shape[0]
         layers = range(num_layers) if with_aux else [num_layers - 1]
-        logits = [self.class_embed[i](hs[i]) for i in layers]
-        outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if with_aux:
-            outputs["aux_outputs"] = [
-                {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
-            ]
-            if self.two_stage:
-                outputs["enc_outputs"] = {"pred_logits": out["enc_logits"],
-                                          "pred_boxes": out["enc_boxes"]}
+        logits = torch.stack([self.class_embed[i](hs[i]) for i in layers])
+        outputs = self.predictions(logits, boxes[list(layers)], with_aux, dn)
+        if with_aux and self.two_stage:
+            outputs["enc_outputs"] = {"pred_logits": out["enc_logits"],
+                                      "pred_boxes": out["enc_boxes"]}
         return outputs
 
 
@@ -238,8 +261,10 @@ def _check_config(cfg, num_backbone_levels: int) -> None:
         "MODEL.DAB_DETR.AUX_LOSS": (d.AUX_LOSS, True),
     }
     wrong = [f"{k}={v!r} (needs {need!r})" for k, (v, need) in unsupported.items() if v != need]
-    if d.DEFORMABLE.TWO_STAGE and (d.RANDOM_REFPOINTS_XY or d.NUM_PATTERNS):
-        wrong.append("MODEL.DAB_DETR.RANDOM_REFPOINTS_XY / NUM_PATTERNS with "
+    if d.DEFORMABLE.TWO_STAGE and (d.RANDOM_REFPOINTS_XY or d.NUM_PATTERNS or d.DN.ENABLED):
+        wrong.append("MODEL.DAB_DETR.RANDOM_REFPOINTS_XY / NUM_PATTERNS / DN.ENABLED with "
                      "MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE (the encoder gives the anchors)")
+    if d.DN.ENABLED and d.NUM_PATTERNS:
+        wrong.append("MODEL.DAB_DETR.NUM_PATTERNS with MODEL.DAB_DETR.DN.ENABLED (as in DN-DETR)")
     if wrong:
         raise ValueError("DAB-Deformable-DETR does not support " + "; ".join(wrong))

@@ -6,7 +6,7 @@ L decoder layers, D anchor dims. Boxes inside the model are cxcywh normalised by
 of the (unpadded) input image.
 """
 
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,12 @@ from torch import nn
 from ...layers import MLP, PositionEmbeddingSine, refine_boxes
 from ..criterion import SetCriterion
 from ..transformer import DABTransformer
-from .base import SetPredictionDetector, build_set_criterion, init_heads
+from .base import (
+    SetPredictionDetector,
+    build_set_criterion,
+    denoising_from_config,
+    init_heads,
+)
 
 __all__ = ["DABDETR"]
 
@@ -43,6 +48,7 @@ class DABDETR(SetPredictionDetector):
         num_queries: int,
         query_dim: int = 4,
         random_refpoints_xy: bool = False,
+        denoising: Optional[Dict[str, Any]] = None,
         criterion: SetCriterion,
         aux_loss: bool = True,
         num_select: int = 300,
@@ -60,6 +66,9 @@ class DABDETR(SetPredictionDetector):
             num_queries: Q anchors.
             query_dim: D, 4 for anchor boxes, 2 for anchor points.
             random_refpoints_xy: anchor centres drawn uniformly in [0, 1] and never trained.
+            denoising: DN-DAB-DETR (``num_groups``, ``label_noise``, ``box_noise``): the
+                matching queries start from the "no object" label embedding, and training
+                adds denoising queries; None: DAB-DETR.
             criterion: training losses; its ``weight_dict`` weights them.
             aux_loss: also supervise the earlier decoder layers.
             num_select: detections kept per image, top-k over queries x classes.
@@ -74,8 +83,8 @@ class DABDETR(SetPredictionDetector):
         in_channels = backbone.output_shape()[in_feature].channels
         self.input_proj = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
         self.class_embed = nn.Linear(hidden_dim, num_classes)
+        self._init_denoising(denoising, num_classes, hidden_dim)
         self.bbox_embed = bbox_embed
-        self.num_classes = num_classes
         self.query_dim = query_dim
         self._init_anchors(num_queries, query_dim, random_refpoints_xy)
         init_heads([self.class_embed],
@@ -93,6 +102,9 @@ class DABDETR(SetPredictionDetector):
                              f"{sorted(ACTIVATIONS)}")
         if d.RANDOM_REFPOINTS_XY and d.QUERY_DIM != 4:
             raise ValueError("MODEL.DAB_DETR.RANDOM_REFPOINTS_XY needs QUERY_DIM = 4")
+        if d.DN.ENABLED and d.QUERY_DIM != 4:
+            raise ValueError("MODEL.DAB_DETR.DN.ENABLED needs QUERY_DIM = 4 (the noised "
+                             "boxes are the denoising queries' anchors)")
         box_head = lambda: MLP(d.HIDDEN_DIM, d.HIDDEN_DIM, 4, 3)  # noqa: E731
         if d.BBOX_EMBED_DIFF_EACH_LAYER:
             bbox_embed = nn.ModuleList(box_head() for _ in range(d.DEC_LAYERS))
@@ -124,6 +136,7 @@ class DABDETR(SetPredictionDetector):
             "num_queries": d.NUM_QUERIES,
             "query_dim": d.QUERY_DIM,
             "random_refpoints_xy": d.RANDOM_REFPOINTS_XY,
+            "denoising": denoising_from_config(cfg),
             "criterion": build_set_criterion(cfg),
             "aux_loss": d.AUX_LOSS,
             "num_select": d.NUM_SELECT,
@@ -132,8 +145,8 @@ class DABDETR(SetPredictionDetector):
         }
 
     def forward_predictions(
-        self, images: ImageList, with_aux: bool = True
-    ) -> Dict[str, torch.Tensor]:
+        self, images: ImageList, with_aux: bool = True, targets: Optional[List[Dict]] = None
+    ) -> Dict[str, Any]:
         """Raw predictions of the last decoder layer, and of the others with ``with_aux``.
 
         Args:
@@ -141,10 +154,12 @@ class DABDETR(SetPredictionDetector):
             with_aux: also predict classes and boxes from the earlier layers' outputs.
                 Inference needs only the last layer's; the earlier layers still refine the
                 anchors inside the decoder either way.
+            targets: training targets (``prepare_targets``), for the denoising queries.
 
         Returns:
             ``pred_logits`` ``(B, NQ, K)`` and ``pred_boxes`` ``(B, NQ, 4)`` of the last layer,
-            and with ``with_aux``, ``aux_outputs``: a list of such dicts for the other layers.
+            with ``with_aux`` ``aux_outputs``, a list of such dicts for the other layers, and
+            with denoising in training ``dn_outputs`` (``SetPredictionDetector.predictions``).
         """
         # oneDNN's convolutions are faster on channels-last maps (and the flattened tokens
         # then need no transposing copy); the results are the same up to rounding
@@ -154,18 +169,26 @@ class DABDETR(SetPredictionDetector):
         mask = F.interpolate(self.padding_mask(images)[None].float(), size=features.shape[-2:])
         mask = mask.to(torch.bool)[0]
         pos = self.position_embedding(mask).to(features.dtype)
-        hs, references = self.transformer(self.input_proj(features), mask, self.anchors(), pos)
+        src, anchors = self.input_proj(features), self.anchors()
+        if self.denoising is None:
+            hs, references = self.transformer(src, mask, anchors, pos)
+            dn = None
+        else:
+            # DN-DAB-DETR: every matching query starts from the "no object" embedding, with the
+            # indicator 0
+            no_object = self.label_enc.weight[self.num_classes]
+            content = torch.cat([no_object, no_object.new_zeros(1)])
+            num_matching = len(anchors) * max(self.transformer.num_patterns, 1)
+            dn = self.make_denoising(targets, num_matching)
+            extra = {} if dn is None else {"denoising": (dn.content, dn.anchors),
+                                           "self_attn_mask": dn.attn_mask}
+            hs, references = self.transformer(src, mask, anchors, pos, content=content, **extra)
         if not with_aux:
             # (L, B, NQ, C) -> (1, B, NQ, C): heads only on the last layer
             hs, references = hs[-1:], references[-1:]
         logits = self.class_embed(hs)  # (L|1, B, NQ, K)
         boxes = self._predict_boxes(hs, references)  # (L|1, B, NQ, 4)
-        outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if with_aux:
-            outputs["aux_outputs"] = [
-                {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
-            ]
-        return outputs
+        return self.predictions(logits, boxes, with_aux, dn)
 
     def _predict_boxes(self, hs: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
         """Boxes ``(N, B, NQ, 4)`` refining anchors ``references`` ``(N|1, B, NQ, D)`` from

@@ -90,6 +90,7 @@ class TransformerDecoderLayer(nn.Module):
         query_pos: torch.Tensor,
         query_sine_embed: torch.Tensor,
         memory_mask: Optional[torch.Tensor],
+        self_attn_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -99,6 +100,8 @@ class TransformerDecoderLayer(nn.Module):
             query_pos: ``(B, NQ, C)`` positional queries (MLP of the anchors' embedding).
             query_sine_embed: ``(B, NQ, C)`` modulated (y, x) sine embedding of the anchors.
             memory_mask: ``(B, 1, 1, HW)`` bool, True at tokens that may be attended.
+            self_attn_mask: boolean, broadcastable to ``(B, 1, NQ, NQ)``, True where a query
+                may attend another (denoising), or None.
 
         Returns:
             ``(B, NQ, C)`` updated content queries.
@@ -106,7 +109,8 @@ class TransformerDecoderLayer(nn.Module):
         p = self.dropout if self.training else 0.0
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
-        tgt = self.norm1(tgt + F.dropout(self.self_attn(q, k, self.sa_v_proj(tgt)), p))
+        attn = self.self_attn(q, k, self.sa_v_proj(tgt), self_attn_mask)
+        tgt = self.norm1(tgt + F.dropout(attn, p))
 
         b, nq, c = tgt.shape
         hw = memory.shape[1]
@@ -214,6 +218,7 @@ class TransformerDecoder(nn.Module):
         pos: torch.Tensor,
         refpoints_unsigmoid: torch.Tensor,
         memory_mask: Optional[torch.Tensor],
+        self_attn_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -222,6 +227,7 @@ class TransformerDecoder(nn.Module):
             pos: ``(B, HW, C)`` image position encoding.
             refpoints_unsigmoid: ``(B, NQ, D)`` anchors before the sigmoid.
             memory_mask: ``(B, 1, 1, HW)`` bool, True at tokens that may be attended.
+            self_attn_mask: see ``TransformerDecoderLayer``.
 
         Returns:
             hs: ``(L, B, NQ, C)`` layer-normed outputs of every layer.
@@ -237,7 +243,7 @@ class TransformerDecoder(nn.Module):
                 sine_embed = box_sine_embedding(anchors, self.d_model // 2)
                 query_pos = self.ref_point_head(sine_embed)
             spatial = self.spatial_query(sine_embed, tgt, anchors, layer_id)
-            tgt = layer(tgt, memory, pos, query_pos, spatial, memory_mask)
+            tgt = layer(tgt, memory, pos, query_pos, spatial, memory_mask, self_attn_mask)
             # no layer uses anchors refined after the last one
             if self.bbox_embed is not None and layer_id < len(self.layers) - 1:
                 delta = self._box_head(layer_id)(tgt)  # refined from the un-normed output

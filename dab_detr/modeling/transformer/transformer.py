@@ -87,6 +87,9 @@ class DABTransformer(nn.Module):
         mask: torch.Tensor,
         anchors: torch.Tensor,
         pos: torch.Tensor,
+        content: Optional[torch.Tensor] = None,
+        denoising: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        self_attn_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -94,11 +97,17 @@ class DABTransformer(nn.Module):
             mask: ``(B, H, W)`` bool, True at padded positions.
             anchors: ``(Q, D)`` anchors before the sigmoid (the learned embedding).
             pos: ``(B, C, H, W)`` image position encoding.
+            content: ``(C,)`` the content every query starts from before its pattern is added
+                (DN-DAB-DETR: the "no object" label embedding and indicator 0); None: zero.
+            denoising: ``(content (B, PAD, C), anchors (B, PAD, D) before the sigmoid)`` of
+                denoising queries, put before the NQ matching queries; None: none.
+            self_attn_mask: ``(B, 1, PAD + NQ, PAD + NQ)`` bool, True where a query may attend
+                another in the decoder's self-attention; None: all may.
 
         Returns:
-            hs: ``(L, B, NQ, C)`` layer-normed output of each decoder layer.
-            references: ``(L, B, NQ, D)`` anchors (after sigmoid) that each layer's
-                predictions refine; ``(1, B, NQ, D)`` when the anchors are not updated.
+            hs: ``(L, B, PAD + NQ, C)`` layer-normed output of each decoder layer.
+            references: ``(L, B, PAD + NQ, D)`` anchors (after sigmoid) that each layer's
+                predictions refine; ``(1, B, PAD + NQ, D)`` when the anchors are not updated.
         """
         b = src.shape[0]
         # (B, C, H, W) -> (B, HW, C): tokens in row-major order, contiguous once here (a
@@ -109,12 +118,16 @@ class DABTransformer(nn.Module):
         memory = self.encoder(src, pos, attn_mask)
 
         num_anchors = anchors.shape[0]
+        tgt = src.new_zeros(self.d_model) if content is None else content
         if self.patterns is None:
-            tgt = src.new_zeros(b, num_anchors, self.d_model)
+            tgt = tgt.expand(b, num_anchors, -1)
             refpoints = anchors.unsqueeze(0).expand(b, -1, -1)
         else:
             # query p * Q + q pairs pattern p with anchor q: (P, Q, C) -> (B, P * Q, C)
-            tgt = self.patterns.weight[:, None, :].expand(-1, num_anchors, -1).flatten(0, 1)
-            tgt = tgt.unsqueeze(0).expand(b, -1, -1)
+            patterns = self.patterns.weight[:, None, :].expand(-1, num_anchors, -1).flatten(0, 1)
+            tgt = (tgt + patterns).unsqueeze(0).expand(b, -1, -1)
             refpoints = anchors.repeat(self.num_patterns, 1).unsqueeze(0).expand(b, -1, -1)
-        return self.decoder(tgt, memory, pos, refpoints, attn_mask)
+        if denoising is not None:
+            tgt = torch.cat([denoising[0], tgt], 1)
+            refpoints = torch.cat([denoising[1], refpoints], 1)
+        return self.decoder(tgt, memory, pos, refpoints, attn_mask, self_attn_mask)

@@ -1,0 +1,157 @@
+"""Denoising training (DN-DETR, Li et al., CVPR 2022): noised copies of the ground truth as
+extra decoder queries, each reconstructing the object it was made from, with no matching.
+
+In training, the decoder's queries are ``[group 0 | group 1 | ... | group G-1 | matching
+queries]``. Each group holds one query per ground-truth object of the image (padded to the
+batch's largest count): its label replaced by a random class with probability
+``label_noise``, its box jittered (centre by up to ``box_noise * (w/2, h/2)``, size by up to
+``box_noise * (w, h)``) and used as the query's anchor, its content the label's embedding plus
+an indicator 1 (matching queries carry 0). The decoder's self-attention mask keeps the
+matching queries blind to every denoising query, and each group blind to the other groups,
+so that the matching queries compute exactly what they would without denoising. Unlike the
+official code, padding slots are masked too: no query attends them.
+
+Shapes: B batch, N_b objects of image b, N = sum N_b, S = max N_b, G groups, PAD = G * S
+denoising queries per image, NM matching queries, T = PAD + NM, C channels, K classes.
+Boxes are cxcywh normalised to [0, 1].
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..layers import inverse_sigmoid
+
+__all__ = ["DenoisingQueries", "denoising_attn_mask", "make_denoising_queries"]
+
+
+@dataclass
+class DenoisingQueries:
+    """The denoising queries of a batch and what their losses need.
+
+    Attributes:
+        content: ``(B, PAD, C)`` label embedding and indicator 1; zero at padding slots.
+        anchors: ``(B, PAD, 4)`` the noised boxes before the sigmoid (0 at padding).
+        attn_mask: ``(B, 1, T, T)`` bool, True where query r may attend query c.
+        batch_idx, slot: ``(G * N,)`` where each real denoising query sits, group-major.
+        labels: ``(G * N,)`` the clean label each one reconstructs.
+        boxes: ``(G * N, 4)`` the clean box each one reconstructs.
+        num_groups: G.
+    """
+
+    content: torch.Tensor
+    anchors: torch.Tensor
+    attn_mask: torch.Tensor
+    batch_idx: torch.Tensor
+    slot: torch.Tensor
+    labels: torch.Tensor
+    boxes: torch.Tensor
+    num_groups: int
+
+    @property
+    def pad_size(self) -> int:
+        return self.content.shape[1]
+
+
+def denoising_attn_mask(
+    counts: List[int], num_groups: int, num_matching: int, device: torch.device
+) -> torch.Tensor:
+    """The decoder self-attention mask of a batch with denoising.
+
+    Args:
+        counts: N_b, the objects of each image.
+        num_groups: G.
+        num_matching: NM.
+
+    Returns:
+        ``(B, 1, T, T)`` bool, True where row query r may attend column query c: a matching
+        query attends matching queries only; a denoising query attends its own group and the
+        matching queries; no query attends a padding slot but itself.
+    """
+    single = max(counts, default=0)
+    pad = single * num_groups
+    total = pad + num_matching
+    index = torch.arange(total, device=device)
+    group = torch.where(index < pad, index // max(single, 1), num_groups)  # NM: group G
+    is_dn = index < pad
+    # a denoising row sees its own group; any row sees the matching columns
+    allowed = (group[:, None] == group[None, :]) | ~is_dn[None, :]
+    # matching rows see no denoising column
+    allowed = allowed & ~(~is_dn[:, None] & is_dn[None, :])
+    # (B, T): padding slots j >= N_b of every group
+    slot_in_group = index % max(single, 1)
+    padding = is_dn[None, :] & (
+        slot_in_group[None, :] >= torch.as_tensor(counts, device=device)[:, None]
+    )
+    eye = torch.eye(total, dtype=torch.bool, device=device)
+    allowed = allowed[None] & (~padding[:, None, :] | eye[None])
+    return allowed[:, None]  # (B, 1, T, T)
+
+
+def make_denoising_queries(
+    targets: List[Dict[str, torch.Tensor]],
+    label_embed: nn.Embedding,
+    num_groups: int,
+    label_noise: float,
+    box_noise: float,
+    num_classes: int,
+    num_matching: int,
+    generator: Optional[torch.Generator] = None,
+) -> DenoisingQueries:
+    """Noised copies of ``targets`` as decoder queries.
+
+    Args:
+        targets: per image, ``labels`` ``(N_b,)`` and ``boxes`` ``(N_b, 4)`` cxcywh in [0, 1].
+        label_embed: ``K + 1`` rows of width C - 1 (the last row: "no object", the content of
+            DN-DAB-DETR's matching queries).
+        num_groups: G.
+        label_noise: probability that a query's label is replaced by one drawn uniformly
+            from the K classes (possibly the same).
+        box_noise: the jitter's scale (see the module docstring).
+        num_classes: K.
+        num_matching: NM, the matching queries that follow the denoising ones.
+        generator: random numbers for the noise (default: torch's global generator).
+    """
+    device = label_embed.weight.device
+    counts = [len(t["labels"]) for t in targets]
+    single = max(counts, default=0)
+    labels = torch.cat([t["labels"] for t in targets]).to(device)  # (N,)
+    boxes = torch.cat([t["boxes"] for t in targets]).to(device)  # (N, 4)
+    batch_of = torch.cat([torch.full((n,), b, device=device) for b, n in enumerate(counts)])
+    slot_of = torch.cat([torch.arange(n, device=device) for n in counts])
+    # G copies, group-major: query g * N + m is object m of the batch in group g
+    labels, boxes = labels.repeat(num_groups), boxes.repeat(num_groups, 1)
+    batch_idx = batch_of.repeat(num_groups)
+    group_of = torch.arange(num_groups, device=device).repeat_interleave(len(slot_of))
+    slot = slot_of.repeat(num_groups) + group_of * single
+
+    noised_labels = labels.clone()
+    flip = torch.rand(labels.shape, generator=generator, device=device) < label_noise
+    random_labels = torch.randint(0, num_classes, labels.shape, generator=generator,
+                                  device=device)
+    noised_labels[flip] = random_labels[flip]
+    # centre by up to box_noise * (w/2, h/2), size by up to box_noise * (w, h)
+    scale = torch.cat([boxes[:, 2:] / 2, boxes[:, 2:]], 1)
+    jitter = torch.rand(boxes.shape, generator=generator, device=device) * 2 - 1
+    noised_boxes = (boxes + jitter * scale * box_noise).clamp(0.0, 1.0)
+
+    b, pad = len(targets), single * num_groups
+    embed = label_embed(noised_labels)  # (G * N, C - 1)
+    # (G * N, C): the indicator 1 marks denoising queries
+    embed = torch.cat([embed, embed.new_ones(len(embed), 1)], 1)
+    content = embed.new_zeros(b, pad, embed.shape[1])
+    anchors = embed.new_zeros(b, pad, 4)
+    content[batch_idx, slot] = embed
+    anchors[batch_idx, slot] = inverse_sigmoid(noised_boxes).to(anchors.dtype)
+    return DenoisingQueries(
+        content=content,
+        anchors=anchors,
+        attn_mask=denoising_attn_mask(counts, num_groups, num_matching, device),
+        batch_idx=batch_idx,
+        slot=slot,
+        labels=labels,
+        boxes=boxes,
+        num_groups=num_groups,
+    )
