@@ -45,6 +45,11 @@ MODELS = {
     # batch, where 288 / 320 is not exact in float32.
     "dab_deformable_detr_r50": ("COCO-Detection/dab_deformable_detr_R_50_50ep.yaml", 5e-7,
                                 1e-7),
+    # DN-DETR's models at inference (no denoising queries): the matching queries' content
+    # comes from the label embedding (DN-DAB-DETR) or a 255-wide tgt_embed plus indicator 0.
+    "dn_dab_detr_r50": ("COCO-Detection/dn_dab_detr_R_50_50ep.yaml", 5e-7, 1e-7),
+    "dn_dab_deformable_detr_r50": ("COCO-Detection/dn_dab_deformable_detr_R_50_50ep.yaml", 5e-7,
+                                   1e-7),
 }
 # run -> images, batched in this order (the reference's three runs)
 RUNS = {"batch": ("image0", "image1"), "image0": ("image0",), "image1": ("image1",)}
@@ -207,5 +212,10 @@ def test_coco_config_keeps_the_80_coco_rows(workdir, model_name, converted):
     assert sd.keys() == converted.keys()
     rows = torch.as_tensor(coco_class_rows())
     for k, v in converted.items():
-        expected = v[rows] if k.startswith("class_embed.") else v
+        if k.startswith("class_embed."):
+            expected = v[rows]
+        elif k == "label_enc.weight":  # DN-DETR: a row per class, then "no object"
+            expected = v[torch.cat([rows, torch.tensor([91])])]
+        else:
+            expected = v
         torch.testing.assert_close(sd[k], expected, rtol=0, atol=0, msg=k)

@@ -101,10 +101,20 @@ def coco_class_rows() -> List[int]:
 
 
 def _map_class_head(sd: StateDict, num_classes: int) -> None:
-    """Rows of every class head (``class_embed.*``: one, or one per layer) for ``num_classes``."""
+    """Rows of every class head (``class_embed.*``: one, or one per layer) for ``num_classes``,
+    and of DN-DETR's label embedding (``label_enc.weight``: one row per class, then "no
+    object")."""
     names = [k for k in sd if re.fullmatch(r"class_embed\.(\d+\.)?(weight|bias)", k)]
     if not names:
         raise ValueError(f"no class head (class_embed.*) among {len(sd)} tensors")
+    if "label_enc.weight" in sd:
+        rows = sd["label_enc.weight"].shape[0]
+        if rows == 92 and num_classes == 80:
+            index = torch.as_tensor(coco_class_rows() + [91])  # the 80 classes, "no object"
+            sd["label_enc.weight"] = sd["label_enc.weight"][index]
+        elif rows != num_classes + 1:
+            raise ValueError(f"label_enc.weight has {rows} rows; cannot map them to "
+                             f"NUM_CLASSES={num_classes} (it needs NUM_CLASSES + 1)")
     for name in names:
         rows = sd[name].shape[0]
         if rows == num_classes:
