@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
-from ..transformer.mechanism import _argument
+from ..transformer.mechanism import call_argument, predict_with_hooks
 
 __all__ = ["SamplingTrace", "level_strides", "level_to_pixels", "trace_sampling"]
 
@@ -69,17 +69,17 @@ def trace_sampling(model: nn.Module, images: Any) -> SamplingTrace:
 
     def on_transformer(module, args, kwargs):
         # L masks (1, H_l, W_l), True at padding (bottom and right)
-        seen["masks"] = _argument(module, "masks", args, kwargs)
+        seen["masks"] = call_argument(module, "masks", args, kwargs)
 
     def on_decoder(module, args, kwargs, output):
         seen["references"] = output[2][:, 0]  # (N, NQ, 4)
 
     def on_cross_attn(module, args, kwargs):
-        reference_boxes = _argument(module, "reference_points", args, kwargs)
-        shapes = _argument(module, "input_spatial_shapes", args, kwargs)
+        reference_boxes = call_argument(module, "reference_points", args, kwargs)
+        shapes = call_argument(module, "input_spatial_shapes", args, kwargs)
         # the attention's own computation, on the inputs of this call
         locations, weights = module.sampling_locations_and_weights(
-            _argument(module, "query", args, kwargs), reference_boxes, shapes
+            call_argument(module, "query", args, kwargs), reference_boxes, shapes
         )
         seen["spatial_shapes"] = shapes
         seen["reference_boxes"].append(reference_boxes[0])
@@ -93,11 +93,7 @@ def trace_sampling(model: nn.Module, images: Any) -> SamplingTrace:
     ]
     hooks += [layer.cross_attn.register_forward_pre_hook(on_cross_attn, with_kwargs=True)
               for layer in decoder.layers]
-    try:
-        outputs = model.forward_predictions(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    outputs = predict_with_hooks(model, images, hooks)
     return SamplingTrace(
         outputs=outputs,
         anchors=seen["references"],

@@ -20,7 +20,7 @@ gh x gw grid of key positions, HW = gh * gw. Anchors are normalised to [0, 1].
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -30,6 +30,8 @@ from .decoder import modulate_hw
 
 __all__ = [
     "DecoderTrace",
+    "call_argument",
+    "predict_with_hooks",
     "PositionalQuery",
     "image_position_keys",
     "model_positional_maps",
@@ -125,9 +127,19 @@ class DecoderTrace:
     feature_size: Tuple[int, int]
 
 
-def _argument(module: nn.Module, name: str, args: tuple, kwargs: dict) -> Any:
+def call_argument(module: nn.Module, name: str, args: tuple, kwargs: dict) -> Any:
     """The argument ``name`` of a call ``module(*args, **kwargs)``, however it was passed."""
     return inspect.signature(module.forward).bind(*args, **kwargs).arguments[name]
+
+
+def predict_with_hooks(model: nn.Module, images: Any, hooks: List[Any]) -> Dict[str, Any]:
+    """``model.forward_predictions(images)``, then remove ``hooks`` (the handles of the hooks
+    that record what it computes), whatever happens."""
+    try:
+        return model.forward_predictions(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @torch.no_grad()
@@ -144,14 +156,14 @@ def trace_decoder(model: nn.Module, images: Any) -> DecoderTrace:
     seen: Dict[str, Any] = {"content": [], "spatial": []}
 
     def on_transformer(module, args, kwargs):
-        seen["mask"] = _argument(module, "mask", args, kwargs)[0]  # (H, W), True at padding
+        seen["mask"] = call_argument(module, "mask", args, kwargs)[0]  # (H, W): padding
 
     def on_decoder(module, args, kwargs, output):
         seen["references"] = output[1][:, 0]  # (L or 1, NQ, D)
 
     def on_layer(module, args, kwargs):
-        seen["content"].append(_argument(module, "tgt", args, kwargs)[0])
-        seen["spatial"].append(_argument(module, "query_sine_embed", args, kwargs)[0])
+        seen["content"].append(call_argument(module, "tgt", args, kwargs)[0])
+        seen["spatial"].append(call_argument(module, "query_sine_embed", args, kwargs)[0])
 
     hooks = [
         model.transformer.register_forward_pre_hook(on_transformer, with_kwargs=True),
@@ -159,11 +171,7 @@ def trace_decoder(model: nn.Module, images: Any) -> DecoderTrace:
     ]
     hooks += [layer.register_forward_pre_hook(on_layer, with_kwargs=True)
               for layer in decoder.layers]
-    try:
-        outputs = model.forward_predictions(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    outputs = predict_with_hooks(model, images, hooks)
     num_layers = len(decoder.layers)
     valid = ~seen["mask"]
     return DecoderTrace(
