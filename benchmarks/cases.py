@@ -18,6 +18,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+import dab_detr  # noqa: F401  before Detectron2: prepares its import, registers the models
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -1,5 +1,7 @@
 """``benchmarks/benchmark.py --quick`` runs end to end (tiny inputs, one repeat) and writes
-results of the documented structure: numbers, not their values, are checked here."""
+results of the documented structure: numbers, not their values, are checked here. It covers
+DAB-DETR against transformers and DAB-Deformable-DETR (ours only, with the share of its time
+in deformable attention)."""
 
 import json
 import os
@@ -16,10 +18,18 @@ pytest.importorskip("timm")
 pytest.importorskip("matplotlib")
 
 SECTIONS = ("inference", "training", "scaling_size", "scaling_queries")
-ROW_KEYS = {"section", "impl", "variant", "train", "device", "dtype", "height", "width",
-            "short_side", "batch", "num_queries", "latency_ms", "images_per_s", "peak_mib",
-            "baseline_mib", "error"}
+ROW_KEYS = {"section", "impl", "model", "variant", "train", "device", "dtype", "height",
+            "width", "short_side", "batch", "num_queries", "latency_ms", "images_per_s",
+            "peak_mib", "baseline_mib", "error", "date"}
 LATENCY_KEYS = {"median", "min", "max", "q1", "q3", "repeats"}
+# (impl, variant) of the inference and training sections
+PAIRED = {(i, v) for i in ("ours", "transformers") for v in ("R50", "R50-DC5")}
+MEASURED = PAIRED | {("ours", "Deformable-R50")}
+NO_COUNTERPART = "- (no transformers counterpart)"
+# a printed attention share: "MSDeformAttn 37.8% (247 + 0 ms, 12 calls)"
+SHARE_LINE = re.compile(r"Deformable-R50 (inference|train step) \d+x\d+ B=\d: (\d+) ms CPU \(\d+ "
+                        r"ms wall\): MSDeformAttn (\d+\.\d)% \((\d+) \+ (\d+) ms, 12 calls\); "
+                        r"multi_scale_deformable_attention (\d+\.\d)% ")
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +60,19 @@ def _check_row(row):
 
 def test_quick_benchmark_rows(quick_results):
     results, _, _ = quick_results
-    assert set(results) == {"meta", *SECTIONS, "cuda", "ratios", "goals"}
+    assert set(results) == {"meta", *SECTIONS, "attention_share", "cuda", "ratios", "goals"}
     assert results["meta"]["quick"] is True
     for section in SECTIONS:
         for row in results[section]:
             _check_row(row)
-    # both implementations, both variants, the batches of the settings at inference
+    # both implementations of DAB-DETR, ours of DAB-Deformable-DETR, the batches of the
+    # settings at inference
     batches = results["meta"]["settings"]["batches"]
     cases = {(r["impl"], r["variant"], r["batch"]) for r in results["inference"]}
-    assert cases == {(i, v, b) for i in ("ours", "transformers") for v in ("R50", "R50-DC5")
-                     for b in batches}
-    assert {(r["impl"], r["variant"]) for r in results["training"]} == {
-        (i, v) for i in ("ours", "transformers") for v in ("R50", "R50-DC5")}
+    assert cases == {(i, v, b) for i, v in MEASURED for b in batches}
+    assert {(r["impl"], r["variant"]) for r in results["training"]} == MEASURED
+    assert {r["model"] for r in results["inference"] if r["variant"] == "Deformable-R50"} == {
+        "dab_deformable_detr"}
     assert all(r["train"] for r in results["training"])
     assert len({r["short_side"] for r in results["scaling_size"]}) >= 2
     assert {r["impl"] for r in results["scaling_queries"]} == {"ours"}
@@ -71,9 +82,12 @@ def test_quick_benchmark_rows(quick_results):
 def test_quick_benchmark_ratios_goals_and_plot(quick_results):
     results, stdout, plot = quick_results
     # a ratio for every case measured for both: inference, training, the scaling sizes
-    pairs = (len(results["inference"]) + len(results["training"])
-             + len(results["scaling_size"])) // 2
+    rows = results["inference"] + results["training"] + results["scaling_size"]
+    pairs = sum(r["impl"] == "transformers" for r in rows)
+    ours_only = [r for r in rows if r["variant"] == "Deformable-R50"]
+    assert ours_only and len(rows) == 2 * pairs + len(ours_only)
     assert len(results["ratios"]) == pairs
+    assert "Deformable-R50" not in {r["variant"] for r in results["ratios"]}
     for r in results["ratios"]:
         assert r["latency_ratio"] > 0 and r["memory_ratio"] > 0
     assert len(results["goals"]) == 3
@@ -82,8 +96,86 @@ def test_quick_benchmark_ratios_goals_and_plot(quick_results):
     cuda = results["cuda"]
     assert "skipped" in cuda or all(r["error"] is None for r in cuda["inference"])
     assert "median ms" in stdout and "peak MiB" in stdout and "goals" in stdout
+    # the README lines: DAB-Deformable-DETR's figures, "-" for transformers and the ratio
+    for section, what in (("inference", "inference"), ("training", "training step")):
+        for r in results[section]:
+            if r["variant"] == "Deformable-R50":
+                line = (f"| {what} Deformable-R50, {r['height']}x{r['width']}, batch "
+                        f"{r['batch']} | {r['latency_ms']['median']:.0f} ms, "
+                        f"{r['peak_mib']:.0f} MiB | {NO_COUNTERPART} | - |")
+                assert line in stdout, stdout
     with open(plot, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_benchmark_attention_share(quick_results):
+    """Every DAB-Deformable-DETR case gets the share of its time in the MSDeformAttn modules and
+    in the function, in (0, 1), the function's inside the modules'; saved and printed."""
+    results, stdout, _ = quick_results
+    settings = results["meta"]["settings"]
+    rows = results["attention_share"]
+    assert {(r["train"], r["batch"]) for r in rows} == {
+        *((False, b) for b in settings["batches"]), (True, settings["train_batch"])}
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["variant"] == "Deformable-R50" and r["step_ms"] > 0 and r["step_cpu_ms"] > 0
+        module, function = r["module"], r["function"]
+        assert (module["label"], function["label"]) == ("MSDeformAttn",
+                                                        "multi_scale_deformable_attention")
+        for part in (module, function):
+            assert part["calls"] == 12  # 6 encoder and 6 decoder layers
+            assert part["forward_ms"] > 0 and 0 < part["share"] < 1
+            # backward only in training: the nodes made inside the ranges were found
+            assert (part["backward_ms"] > 0) == r["train"]
+        assert function["forward_ms"] < module["forward_ms"]
+        assert function["backward_ms"] <= module["backward_ms"]
+        assert function["share"] < module["share"]
+    printed = SHARE_LINE.findall(stdout)
+    # each case printed twice: as it is measured and in the final summary
+    assert len(printed) == 2 * len(rows), stdout
+    for _, step_ms, module_pct, forward, _, function_pct in printed:
+        assert int(step_ms) > 0 and int(forward) > 0
+        assert 0 < float(function_pct) < float(module_pct) < 100
+    assert "method: timing hooks" in stdout
+    assert "attention_share_method" in results["meta"]
+
+
+def _row(variant, impl="ours", batch=1, median=1.0):
+    return {"section": "inference", "impl": impl, "variant": variant, "train": False,
+            "device": "cpu", "dtype": "float32", "height": 8, "width": 8, "batch": batch,
+            "num_queries": 300, "latency_ms": {"median": median}}
+
+
+def test_merge_keeps_the_cases_not_measured():
+    """``--merge``: a later run's rows replace the earlier run's of the same case; the other
+    earlier rows stay, with their run's date; ratios pair rows of one run."""
+    from benchmarks import report
+    from benchmarks.results import ROW_SECTIONS, merge_earlier
+
+    earlier = {"meta": {"date": "2026-11-22T06:35:36"}, "cuda": {"skipped": "no CUDA"},
+               **{k: [] for k in ROW_SECTIONS}}
+    earlier["inference"] = [_row("R50"), _row("R50", "transformers"), _row("R50-DC5"),
+                            _row("R50-DC5", "transformers")]
+    new = {"meta": {"date": "2026-12-01T21:00:00"}, "cuda": {"not_selected": "-"},
+           **{k: [] for k in ROW_SECTIONS}}
+    new["inference"] = [{**_row(v, i, median=2.0), "date": "2026-12-01T21:00:00"}
+                        for v, i in (("R50", "ours"), ("R50", "transformers"),
+                                     ("Deformable-R50", "ours"))]
+    assert merge_earlier(new, earlier) == 3  # the two R50-DC5 rows and the CUDA section
+    rows = new["inference"]
+    assert [(r["variant"], r["impl"]) for r in rows] == [
+        ("R50", "ours"), ("R50", "transformers"), ("R50-DC5", "ours"),
+        ("R50-DC5", "transformers"), ("Deformable-R50", "ours")]
+    assert [r["latency_ms"]["median"] for r in rows] == [2.0, 2.0, 1.0, 1.0, 2.0]
+    assert [r["date"][:10] for r in rows] == ["2026-12-01", "2026-12-01", "2026-11-22",
+                                              "2026-11-22", "2026-12-01"]
+    assert rows[2]["model"] == "dab_detr"
+    assert new["cuda"] == {"skipped": "no CUDA"}
+    assert new["meta"]["earlier_runs"] == [{"date": "2026-11-22T06:35:36"}]
+    # the README lines (one per case: R50, R50-DC5, Deformable-R50) name the day of a row
+    # from another run
+    lines = report.format_markdown(rows, new["meta"]["date"]).splitlines()[2:]
+    assert ["(run of 2026-11-22)" in line for line in lines] == [False, True, False]
 
 
 def test_memory_stability_runs(tmp_path):
