@@ -83,9 +83,11 @@ def add_dab_detr_config(cfg: CN) -> None:
 
     # DAB-Deformable-DETR (MODEL.META_ARCHITECTURE "DABDeformableDETR"): multi-scale deformable
     # attention over the maps of MODEL.RESNETS.OUT_FEATURES (res3, res4, res5: strides 8-32),
-    # plus stride-2 3x3 convolutions on the last for the remaining levels. The keys above
-    # apply to it too (NUM_QUERIES, HIDDEN_DIM, the losses, ...); PE_TEMPERATURE_H/W are 10000
-    # in its configs, as in Deformable DETR.
+    # plus stride-2 3x3 convolutions on the last for the remaining levels. Of the keys above,
+    # all apply to it but those of DAB-DETR's attention and heads (MODULATE_HW_ATTN and
+    # BBOX_EMBED_DIFF_EACH_LAYER have no effect: it has no such attention and always one box
+    # head per layer; KEEP_QUERY_POS, QUERY_DIM 2, ITER_UPDATE False and AUX_LOSS False are
+    # refused); PE_TEMPERATURE_H/W are 10000 in its configs, as in Deformable DETR.
     d.DEFORMABLE = CN()
     # Feature levels L (the backbone's maps and the extra ones).
     d.DEFORMABLE.NUM_FEATURE_LEVELS = 4

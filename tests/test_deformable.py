@@ -113,16 +113,38 @@ def test_two_stage_anchors_are_the_top_encoder_proposals():
 
 
 def test_batched_inference_gives_each_image_its_own_size():
+    """Two-stage, two sizes in a batch: each image gets detections at its own size, and the
+    image that fills the batch (no padding) gets the same as alone: the padding of the other
+    never becomes one of its anchors."""
     model = build_model(_cfg("MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE", "True")).eval()
+    batch = _batch()
     with torch.no_grad():
-        results = model(_batch())
-    for inp, res in zip(_batch(), results):
+        images = model.preprocess_image(batch)
+        raw = model.forward_predictions(images, with_aux=False)
+        results = model(batch)
+        alone = model.forward_predictions(model.preprocess_image(batch[:1]), with_aux=False)
+    assert ((raw["pred_boxes"] >= 0) & (raw["pred_boxes"] <= 1)).all()
+    torch.testing.assert_close(raw["pred_boxes"][:1], alone["pred_boxes"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(raw["pred_logits"][:1], alone["pred_logits"], rtol=0, atol=1e-4)
+    for inp, res in zip(batch, results):
         inst = res["instances"]
-        h, w = inp["image"].shape[1:]
-        assert inst.image_size == (h, w)
+        assert inst.image_size == tuple(inp["image"].shape[1:])
         assert len(inst) == 10 * 5  # NUM_SELECT (100) is more than queries x classes
-        boxes = inst.pred_boxes.tensor
-        assert (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+
+
+@pytest.mark.parametrize("opts", [["MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE", "True"],
+                                  ["MODEL.DAB_DETR.DN.ENABLED", "True"]],
+                         ids=["two_stage", "dn"])
+def test_training_step_under_autocast(opts):
+    """bfloat16 autocast (CPU here; SOLVER.AMP.ENABLED on CUDA): the network runs in half
+    precision, the losses are float32 and finite, and backward gives every parameter a
+    gradient."""
+    model = build_model(_cfg(*opts)).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(_batch())
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_decoder_refines_anchors_layer_by_layer():

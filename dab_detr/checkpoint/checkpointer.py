@@ -5,7 +5,8 @@
 - reads weight files without running code from them: ``.pth`` through torch's weights-only
   loader, Detectron2's ``.pkl`` model-zoo files through an unpickler restricted to numpy arrays
   and plain containers (:mod:`dab_detr.checkpoint.safe_load`);
-- drops the class head, with a warning, when the checkpoint has another class count
+- drops the class head (and DN-DETR's label embedding), with a warning, when the checkpoint
+  has another class count
   (fine-tuning a COCO model on a dataset of its own), and refuses any other shape mismatch
   with an error naming the parameters, instead of silently training them from scratch;
 - saves atomically: a checkpoint is written to a temporary file and renamed, and so is the
@@ -32,6 +33,9 @@ from .safe_load import load_restricted_pickle, load_state_dict_file
 __all__ = ["CLASS_HEAD_PREFIX", "DabDetrCheckpointer"]
 
 CLASS_HEAD_PREFIX = "class_embed."
+# Tensors with a row per class: re-initialised when the checkpoint has another class count
+# (DN-DETR's label embedding has one more, for "no object").
+CLASS_HEADS = (CLASS_HEAD_PREFIX, "label_enc.")
 class DabDetrCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with safe loading, class-head replacement, atomic saves and
     an architecture record."""
@@ -143,7 +147,13 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             if k in expected and hasattr(v, "shape") and tuple(v.shape) != tuple(expected[k].shape)
         }
         source = self._loading
-        head = {k: s for k, s in wrong.items() if k.startswith(CLASS_HEAD_PREFIX)}
+        if "label_enc.weight" in weights and "label_enc.weight" not in expected:
+            raise ValueError(
+                f"{source} is a DN-DETR checkpoint (it has label_enc.weight: the content queries "
+                "come from a label embedding), but the config builds a model without it: set "
+                "MODEL.DAB_DETR.DN.ENABLED True (the dn_* configs do)."
+            )
+        head = {k: s for k, s in wrong.items() if k.startswith(CLASS_HEADS)}
         other = {k: s for k, s in wrong.items() if k not in head}
         if other:
             listed = "; ".join(
@@ -151,16 +161,18 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             )
             raise ValueError(
                 f"{source} does not fit the model built from the config ({listed}). Only the "
-                "class head may differ (it is then re-initialised); check MODEL.DAB_DETR "
+                "class head (and label_enc) may differ (then re-initialised); check MODEL.DAB_DETR "
                 "(NUM_QUERIES, NUM_PATTERNS, HIDDEN_DIM, ...) and MODEL.RESNETS against the "
                 "checkpoint."
             )
         if head:
-            (checkpoint_classes, _), (model_classes, _) = next(iter(head.values()))
+            name = min(head)  # class_embed.* before label_enc.*, which has one row more
+            (file_rows, *_), (model_rows, *_) = head[name]
+            extra = int(name.startswith("label_enc."))
             self.logger.warning(
-                f"{source} has a class head for {checkpoint_classes} classes, the model "
-                f"{model_classes} (MODEL.DAB_DETR.NUM_CLASSES): not loading "
-                f"{', '.join(sorted(head))}; the class head is trained from its initialisation."
+                f"{source} has a class head for {file_rows - extra} classes, the model "
+                f"{model_rows - extra} (MODEL.DAB_DETR.NUM_CLASSES): not loading "
+                f"{', '.join(sorted(head))}; these are trained from their initialisation."
             )
             for k in head:
                 del weights[k]

@@ -2,8 +2,9 @@
 ``python -m dab_detr.convert``, :mod:`dab_detr.convert`).
 
 Sources:
-  official      ``{"model": state_dict, ...}`` checkpoints of IDEA-Research/DAB-DETR (released
-                with the paper, or written by its ``main.py``).
+  official      ``{"model": state_dict, ...}`` checkpoints of IDEA-Research/DAB-DETR (DAB-DETR,
+                DAB-Deformable-DETR) and IDEA-Research/DN-DETR (their DN models), released
+                or written by the ``main.py`` of either.
   transformers  ``DabDetrForObjectDetection`` weights: a directory, ``.safetensors`` or ``.bin``.
   torchvision   an ImageNet ResNet state dict, for ``MODEL.WEIGHTS`` when training on COCO.
 

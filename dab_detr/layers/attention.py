@@ -42,7 +42,9 @@ def multi_head_attention(
         key: ``(B, Nk, E)``.
         value: ``(B, Nk, V)``.
         num_heads: h; E and V must be divisible by it.
-        attn_mask: ``(B, 1, 1, Nk)`` bool, True where a key may be attended, or None.
+        attn_mask: bool, broadcastable to ``(B, h, Nq, Nk)`` (a key padding mask
+            ``(B, 1, 1, Nk)``, or a per-query mask ``(B, 1, Nq, Nk)`` such as denoising's), True
+            where a key may be attended, or None.
         dropout_p: dropout on the attention weights.
 
     Returns:
@@ -114,7 +116,8 @@ class EncoderSelfAttention(Attention):
         Args:
             x: ``(B, N, C)`` tokens.
             pos: ``(B, N, C)`` position encoding added to queries and keys.
-            attn_mask: ``(B, 1, 1, N)`` bool, True at keys that may be attended, or None.
+            attn_mask: bool, broadcastable to ``(B, h, N, N)``, True where a key may be
+                attended, or None.
 
         Returns:
             ``(B, N, C)``.

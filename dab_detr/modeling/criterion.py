@@ -1,5 +1,7 @@
-"""DAB-DETR's set criterion: sigmoid focal classification, L1 and GIoU box losses on
-Hungarian-matched pairs, for the final and every auxiliary decoder layer.
+"""The set criterion of both families: sigmoid focal classification, L1 and GIoU box losses on
+Hungarian-matched pairs, for the final and every auxiliary decoder layer; on the same terms,
+the two-stage proposals (class-agnostic, ``_enc``) and the denoising queries (their own
+objects, no matching, ``_dn``).
 
 Shapes: B batch, NQ queries, K classes, N_i target boxes of image i. Boxes are cxcywh
 normalised to [0, 1].
@@ -36,7 +38,8 @@ class SetCriterion(nn.Module):
             num_classes: K.
             matcher: assigns predictions to targets.
             weight_dict: weight of ``loss_ce``, ``loss_bbox``, ``loss_giou`` and of their
-                auxiliary copies ``loss_ce_0``, ... (one suffix per decoder layer but the last).
+                copies: auxiliary ``loss_ce_0``, ... (one suffix per decoder layer but the
+                last), proposals ``loss_ce_enc``, denoising ``loss_ce_dn``, ``loss_ce_dn_0``...
             focal_alpha, focal_gamma: focal-loss parameters.
         """
         super().__init__()

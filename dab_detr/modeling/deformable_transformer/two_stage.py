@@ -98,7 +98,10 @@ class EncoderProposals(nn.Module):
         enc_logits = class_head(output)
         enc_unact = box_head(output) + proposals  # (B, S, 4), inf at invalid proposals
         k = min(self.num_proposals, enc_logits.shape[1])
-        top = enc_logits[..., 0].topk(k, dim=1).indices  # (B, K)
+        # rank by the first class, as Deformable DETR; padding and border proposals (inf) last,
+        # so that an image's anchors do not depend on what it is batched with
+        score = enc_logits[..., 0].masked_fill(torch.isinf(proposals).any(-1), float("-inf"))
+        top = score.topk(k, dim=1).indices  # (B, K)
         top_unact = torch.gather(enc_unact, 1, top.unsqueeze(-1).expand(-1, -1, 4)).detach()
         # the sine embedding of the (x, y, w, h) proposal, 128 channels each: (B, K, 4C / 2)
         embed = sine_features(top_unact.sigmoid() * (2 * math.pi), self.d_model // 2, 10000.0)

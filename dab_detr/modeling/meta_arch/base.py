@@ -237,12 +237,13 @@ class SetPredictionDetector(nn.Module):
 
 
 def _to_float32(outputs):
-    """``outputs`` (tensors in dicts and lists) with floating-point tensors in float32."""
+    """``outputs`` (tensors in dicts and lists) with half-precision tensors in float32 (float32
+    and float64 ones as they are)."""
     if isinstance(outputs, dict):
         return {k: _to_float32(v) for k, v in outputs.items()}
     if isinstance(outputs, list):
         return [_to_float32(v) for v in outputs]
-    if torch.is_tensor(outputs) and outputs.is_floating_point():
+    if torch.is_tensor(outputs) and outputs.dtype in (torch.float16, torch.bfloat16):
         return outputs.float()
     return outputs
 

@@ -251,6 +251,9 @@ def _check_config(cfg, num_backbone_levels: int) -> None:
     if d.ACTIVATION not in ACTIVATIONS:
         raise ValueError(f"MODEL.DAB_DETR.ACTIVATION={d.ACTIVATION!r}; expected one of "
                          f"{sorted(ACTIVATIONS)}")
+    if d.HIDDEN_DIM % d.NHEADS:
+        raise ValueError(f"MODEL.DAB_DETR.HIDDEN_DIM={d.HIDDEN_DIM} must be a multiple of "
+                         f"MODEL.DAB_DETR.NHEADS={d.NHEADS}")
     if d.HIDDEN_DIM % 32:
         raise ValueError(f"MODEL.DAB_DETR.HIDDEN_DIM={d.HIDDEN_DIM}: the input projections' "
                          "GroupNorm(32) needs a multiple of 32")
@@ -259,6 +262,8 @@ def _check_config(cfg, num_backbone_levels: int) -> None:
         "MODEL.DAB_DETR.ITER_UPDATE": (d.ITER_UPDATE, True),
         # without the auxiliary losses the earlier layers' heads would get no gradient
         "MODEL.DAB_DETR.AUX_LOSS": (d.AUX_LOSS, True),
+        # DAB-DETR's cross-attention options: deformable attention has no such query
+        "MODEL.DAB_DETR.KEEP_QUERY_POS": (d.KEEP_QUERY_POS, False),
     }
     wrong = [f"{k}={v!r} (needs {need!r})" for k, (v, need) in unsupported.items() if v != need]
     if d.DEFORMABLE.TWO_STAGE and (d.RANDOM_REFPOINTS_XY or d.NUM_PATTERNS or d.DN.ENABLED):
