@@ -100,8 +100,9 @@ class DABDeformableTransformer(nn.Module):
             srcs: L maps ``(B, C, H_l, W_l)``.
             masks: L masks ``(B, H_l, W_l)`` bool, True at padding.
             pos_embeds: L position encodings ``(B, C, H_l, W_l)``.
-            tgt: ``(B, NQ, C)`` content queries (one-stage), or None (two-stage).
-            anchors: ``(B, NQ, 4)`` initial anchors in [0, 1] (one-stage), or None.
+            tgt: ``(B, NQ, C)`` content queries (one-stage; with denoising, its queries
+                first), or None (two-stage).
+            anchors: ``(B, NQ, 4)`` their initial anchors in [0, 1] (one-stage), or None.
             enc_heads: two-stage: ``[class head, box head]`` that score and refine the
                 encoder's proposals.
             self_attn_mask: decoder self-attention mask (see ``DeformableDecoderLayer``).
@@ -120,8 +121,8 @@ class DABDeformableTransformer(nn.Module):
             flat_pos.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl])
         src = torch.cat(flat_src, 1)  # (B, S, C)
         mask = torch.cat(flat_mask, 1)  # (B, S)
-        pos = torch.cat(flat_pos, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
+        pos = torch.cat(flat_pos, 1)  # (B, S, C)
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)  # (L, 2)
         # (L,) index of each level's first token
         level_start_index = torch.cat(
             (spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1])

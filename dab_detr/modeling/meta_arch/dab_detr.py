@@ -170,19 +170,16 @@ class DABDETR(SetPredictionDetector):
         mask = mask.to(torch.bool)[0]
         pos = self.position_embedding(mask).to(features.dtype)
         src, anchors = self.input_proj(features), self.anchors()
-        if self.denoising is None:
-            hs, references = self.transformer(src, mask, anchors, pos)
-            dn = None
-        else:
+        content, dn, extra = None, None, {}
+        if self.denoising is not None:
             # DN-DAB-DETR: every matching query starts from the "no object" embedding, with the
-            # indicator 0
+            # indicator 0: (C,)
             no_object = self.label_enc.weight[self.num_classes]
             content = torch.cat([no_object, no_object.new_zeros(1)])
-            num_matching = len(anchors) * max(self.transformer.num_patterns, 1)
-            dn = self.make_denoising(targets, num_matching)
-            extra = {} if dn is None else {"denoising": (dn.content, dn.anchors),
-                                           "self_attn_mask": dn.attn_mask}
-            hs, references = self.transformer(src, mask, anchors, pos, content=content, **extra)
+            dn = self.make_denoising(targets, len(anchors) * max(self.transformer.num_patterns, 1))
+        if dn is not None:
+            extra = {"denoising": (dn.content, dn.anchors), "self_attn_mask": dn.attn_mask}
+        hs, references = self.transformer(src, mask, anchors, pos, content=content, **extra)
         if not with_aux:
             # (L, B, NQ, C) -> (1, B, NQ, C): heads only on the last layer
             hs, references = hs[-1:], references[-1:]
