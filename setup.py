@@ -9,11 +9,15 @@ setup(
     version="0.1.0",
     description="DAB-DETR (dynamic anchor boxes as DETR queries) as a Detectron2 project",
     packages=find_packages(include=("dab_detr", "dab_detr.*")),
-    python_requires=">=3.8",
+    # `X | Y` annotations evaluated at run time and zip(strict=...): Python 3.10. Tested on
+    # 3.11; ruff (pyproject.toml, target-version py310) refuses newer syntax.
+    python_requires=">=3.10",
     install_requires=[
         # torch and torchvision are not pinned: keep the (CUDA) build you already have.
-        "torch>=1.13",
-        "torchvision>=0.14",
+        # The floors: scaled_dot_product_attention and keyword-argument module hooks (torch
+        # 2.0, with torchvision 0.15). Tested with torch 2.14.1 / torchvision 0.29.1.
+        "torch>=2.0",
+        "torchvision>=0.15",
         "fvcore>=0.1.5",
         "iopath",
         "pycocotools>=2.0.2",

@@ -8,6 +8,10 @@
 Any COCO-format dataset trains and evaluates without code: name its json and image folder in
 ``DATASETS.REGISTER_COCO`` (see ``dab_detr/data/coco.py``).
 
+``--num-gpus N`` runs N processes: one per GPU with CUDA, N CPU workers over gloo without it
+(``dab_detr/engine/launch.py``). For a dataset of your own, ``SOLVER.EPOCHS`` gives the
+schedule in passes over it (``dab_detr/engine/schedule.py``).
+
 ``--resume`` continues a run exactly: the optimizer, the scheduler and the data order and
 augmentations (``dab_detr/engine/``) carry on from the last checkpoint, so a run killed and
 resumed trains like one never stopped.
@@ -18,28 +22,32 @@ import dab_detr  # noqa: F401  (first: prepares Detectron2's import, registers D
 # isort: split
 import logging
 
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from dab_detr.checkpoint import DabDetrCheckpointer, architecture_record
 from dab_detr.config import get_dab_detr_cfg
 from dab_detr.data import check_num_classes, register_builtin_datasets, register_coco_datasets
-from dab_detr.engine import Trainer
+from dab_detr.engine import Trainer, apply_epoch_schedule, launch
 
 logger = logging.getLogger("dab_detr")
 
 
 def setup(args):
     cfg = get_dab_detr_cfg(args.config_file, args.opts)
-    cfg.freeze()
-    default_setup(cfg, args)
-    # our modules log under dab_detr.*: to the console and OUTPUT_DIR/log.txt like Detectron2's
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dab_detr")
     register_builtin_datasets()
     register_coco_datasets(cfg.DATASETS.REGISTER_COCO)
     # fail before building anything when the classes are already known (built-in datasets)
     check_num_classes(cfg.MODEL.DAB_DETR.NUM_CLASSES, cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+    # before default_setup, which writes the config to OUTPUT_DIR/config.yaml
+    schedule = None if args.eval_only else apply_epoch_schedule(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
+    # our modules log under dab_detr.*: to the console and OUTPUT_DIR/log.txt like Detectron2's
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dab_detr")
+    if schedule:
+        logger.info(schedule)
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
         raise ValueError(
             f"SOLVER.AMP.ENABLED needs a CUDA device (Detectron2's AMPTrainer), but "
@@ -61,8 +69,9 @@ def main(args):
     return trainer.train()
 
 
-if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+def cli(argv=None):
+    """``python train_net.py [argv]``: parse the arguments, start the workers."""
+    args = default_argument_parser().parse_args(argv)
     launch(
         main,
         args.num_gpus,
@@ -71,3 +80,7 @@ if __name__ == "__main__":
         dist_url=args.dist_url,
         args=(args,),
     )
+
+
+if __name__ == "__main__":
+    cli()

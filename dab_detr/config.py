@@ -102,6 +102,16 @@ def add_dab_detr_config(cfg: CN) -> None:
     _C.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # "ADAMW" (the paper's optimizer) or "SGD".
     _C.SOLVER.OPTIMIZER = "ADAMW"
+    # Passes over DATASETS.TRAIN to train for, instead of SOLVER.MAX_ITER (0: MAX_ITER and
+    # STEPS as given). train_net sets MAX_ITER to EPOCHS x ceil(training images /
+    # IMS_PER_BATCH), the images counted after FILTER_EMPTY_ANNOTATIONS, and logs it.
+    _C.SOLVER.EPOCHS = 0
+    # With SOLVER.EPOCHS: STEPS becomes the one iteration at this fraction of MAX_ITER (the
+    # paper's schedule drops the learning rate after 40 of 50 epochs); 1.0: no drop.
+    _C.SOLVER.LR_DROP_FRACTION = 0.8
+    # Periodic checkpoints (every SOLVER.CHECKPOINT_PERIOD) to keep: the newest ones stay,
+    # older ones of the same OUTPUT_DIR are deleted; model_final.pth always stays. 0: keep all.
+    _C.SOLVER.CHECKPOINTS_TO_KEEP = 3
 
     # COCO-format datasets to register before training or evaluation, each a triple
     # (name, annotation json, image folder); use the names in DATASETS.TRAIN / TEST. E.g.

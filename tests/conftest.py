@@ -1,11 +1,14 @@
 """Shared test helpers. ``import dab_detr`` first: it prepares Detectron2's import."""
 
+import json
 import logging
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,6 +59,33 @@ def small_model(*opts: str) -> torch.nn.Module:
 def losses_by_iteration(trainer) -> dict:
     """``{iteration: total_loss}`` of a finished run."""
     return {it: v for v, it in trainer.storage.history("total_loss").values()}
+
+
+def write_coco_dataset(root: str, split: str, num_images: int, seed: int) -> str:
+    """Write ``num_images`` 128 x 96 images with 1-3 filled rectangles each (5 classes) to
+    ``root/split/`` and their COCO json to ``root/split.json``; returns the json's path.
+    All images have one size, so that any split of a batch is padded like the batch."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        pixels = rng.integers(0, 60, (96, 128, 3), dtype=np.uint8)
+        for _ in range(rng.integers(1, 4)):
+            w, h = rng.integers(16, 48, 2)
+            x, y = rng.integers(0, 128 - w), rng.integers(0, 96 - h)
+            cls = int(rng.integers(0, 5))
+            pixels[y : y + h, x : x + w] = 80 + 40 * cls
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "iscrowd": 0,
+                                "category_id": cls + 1, "bbox": [int(x), int(y), int(w), int(h)],
+                                "area": int(w * h)})
+        name = f"{i:03d}.png"
+        Image.fromarray(pixels).save(os.path.join(root, split, name))
+        images.append({"id": i + 1, "file_name": name, "width": 128, "height": 96})
+    categories = [{"id": c + 1, "name": f"class{c}"} for c in range(5)]
+    json_file = os.path.join(root, f"{split}.json")
+    with open(json_file, "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    return json_file
 
 
 @pytest.fixture(autouse=True)

@@ -62,6 +62,9 @@ def test_config_trains_and_infers(name):
     for k, v in losses.items():
         assert v.shape == () and torch.isfinite(v), k
     sum(losses.values()).backward()
+    # every trainable tensor is in the loss's graph: DDP (find_unused_parameters=False) stops
+    # at one that is not. (All-zero gradients are normal at the first step: the box heads'
+    # last layers start at zero, and so do the first decoder layer's content queries.)
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not no_grad, no_grad
     for n, p in model.named_parameters():
@@ -122,3 +125,24 @@ def test_dilated_basic_block_backbone_raises():
     cfg = load_cfg("quick_schedules/dab_detr_R_18_shapes.yaml", "MODEL.RESNETS.RES5_DILATION", "2")
     with pytest.raises(ValueError, match="RES5_DILATION"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("iter_update", ["True", "False"])
+def test_box_heads_that_would_get_no_gradient_are_refused(iter_update):
+    # one box head per layer, only the last layer supervised: the earlier heads never learn
+    cfg = load_cfg("COCO-Detection/dab_detr_R_50_50ep.yaml", "MODEL.DAB_DETR.AUX_LOSS", "False",
+                   "MODEL.DAB_DETR.BBOX_EMBED_DIFF_EACH_LAYER", "True",
+                   "MODEL.DAB_DETR.ITER_UPDATE", iter_update)
+    with pytest.raises(ValueError, match="BBOX_EMBED_DIFF_EACH_LAYER True with "
+                                         "MODEL.DAB_DETR.AUX_LOSS False"):
+        build_model(cfg)
+    # either alone trains every head
+    for key in ("AUX_LOSS", "BBOX_EMBED_DIFF_EACH_LAYER"):
+        cfg = load_cfg("COCO-Detection/dab_detr_R_50_50ep.yaml", "MODEL.DAB_DETR.AUX_LOSS", "False",
+                       "MODEL.DAB_DETR.BBOX_EMBED_DIFF_EACH_LAYER", "True",
+                       "MODEL.DAB_DETR.ITER_UPDATE", iter_update, f"MODEL.DAB_DETR.{key}",
+                       str(key == "AUX_LOSS"))
+        model = build_model(cfg)
+        model.train()
+        sum(model(_batch(cfg.MODEL.DAB_DETR.NUM_CLASSES)).values()).backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -22,6 +22,7 @@ from dab_detr.config import get_dab_detr_cfg
 from dab_detr.data import ensure_builtin_dataset, register_builtin_datasets
 from dab_detr.data.dataset_mapper import DabDetrDatasetMapper
 from dab_detr.engine import build_train_loader
+from dab_detr.engine.hooks import replica_mismatches
 
 # isort: split
 from detectron2.data import DatasetCatalog
@@ -178,3 +179,31 @@ def test_evaluation_gathers_every_image_once(runs):
     single_file = tmp / "single" / "inference" / "coco_instances_results.json"
     key = lambda r: (r["image_id"], r["category_id"], r["score"])  # noqa: E731
     assert sorted(results, key=key) == sorted(json.loads(single_file.read_text()), key=key)
+
+
+def _mismatch_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    try:
+        model = torch.nn.Linear(3, 2)
+        torch.nn.init.ones_(model.weight)
+        torch.nn.init.zeros_(model.bias)
+        model.register_buffer("same", torch.arange(4.0))
+        model.register_buffer("drawn", torch.full((2,), float(rank)))  # per worker
+        before = replica_mismatches(DistributedDataParallel(model, broadcast_buffers=False))
+        with torch.no_grad():
+            model.bias[0] += rank  # a parameter that drifted apart
+        after = replica_mismatches(model)
+        torch.save({"before": before, "after": after}, f"{out_dir}/mismatch{rank}.pth")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_replica_check_names_the_tensors_that_differ_between_workers(tmp_path):
+    mp.start_processes(_mismatch_worker, args=(str(tmp_path / "init"), str(tmp_path)),
+                       nprocs=WORLD, join=True, start_method="fork")
+    for rank in range(WORLD):
+        found = torch.load(tmp_path / f"mismatch{rank}.pth", weights_only=True)
+        # DDP broadcast the parameters, not the buffers (broadcast_buffers=False)
+        assert found["before"] == {"parameters": [], "buffers": ["drawn"]}
+        assert found["after"] == {"parameters": ["bias"], "buffers": ["drawn"]}

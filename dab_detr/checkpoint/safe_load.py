@@ -9,6 +9,7 @@ with an error naming it.
 
 import argparse
 import contextlib
+import importlib
 import io
 import os
 import pickle
@@ -24,39 +25,70 @@ class UnsafeCheckpointError(ValueError):
     """The file would need arbitrary unpickling (code execution) to load."""
 
 
-# (module, name) pairs a numpy/containers pickle may reference; numpy 2 renamed numpy.core.
-_PICKLE_ALLOWED = {
-    (mod, name)
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
-    for name in ("_reconstruct", "scalar")
-} | {
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("collections", "OrderedDict"),
-    ("builtins", "dict"),
-    ("builtins", "list"),
-    ("builtins", "tuple"),
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as Python 3 uses it in pickles of protocol 0-2, which have no bytes
+    type: a ``bytes`` (e.g. a numpy array's data) is stored as ``encode(text, "latin1")``.
+    Nothing else is let through, so no codec of the registry can be reached."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafeCheckpointError(
+            f"refusing _codecs.encode({type(text).__name__}, {encoding!r}): pickles only "
+            "use it to store bytes as latin-1 text"
+        )
+    return text.encode("latin1")
+
+
+# numpy 2 renamed numpy.core to numpy._core; files name whichever numpy wrote them. Both
+# resolve to the installed numpy's own module (numpy 2 warns on numpy.core.numeric).
+_NUMPY_CORE = "numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core"
+_NUMPY_FUNCTIONS = {
+    # ndarray.__reduce_ex__: protocols 0-4, and 5 for arrays neither C- nor F-contiguous
+    "multiarray": ("_reconstruct", "scalar"),
+    # protocol 5, contiguous arrays: the data in-band, rebuilt by np.frombuffer + reshape
+    "numeric": ("_frombuffer",),
 }
+# (module, name) a numpy/containers pickle may reference -> the (module, name) to load
+_PICKLE_ALLOWED = {
+    (f"{core}.{mod}", name): (f"{_NUMPY_CORE}.{mod}", name)
+    for core in ("numpy.core", "numpy._core")
+    for mod, names in _NUMPY_FUNCTIONS.items()
+    for name in names
+}
+_PICKLE_ALLOWED.update({
+    (mod, name): (mod, name)
+    for mod, name in [("numpy", "ndarray"), ("numpy", "dtype"),
+                      ("collections", "OrderedDict"), ("builtins", "dict"),
+                      ("builtins", "list"), ("builtins", "tuple"), ("builtins", "bytes")]
+})
+# protocol 0-2 pickles written by Python 3 spell builtins "__builtin__" (for Python 2); an
+# empty bytes is ``__builtin__.bytes()``
+_PICKLE_ALLOWED[("__builtin__", "bytes")] = ("builtins", "bytes")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         if (module, name) not in _PICKLE_ALLOWED:
             raise UnsafeCheckpointError(
                 f"refusing to unpickle {module}.{name}: only numpy arrays and plain "
                 "containers are allowed in weight files"
             )
-        return super().find_class(module, name)
+        module, name = _PICKLE_ALLOWED[module, name]
+        return getattr(importlib.import_module(module), name)
 
 
 def load_restricted_pickle(path: str) -> Any:
-    """Unpickle ``path`` allowing numpy arrays and plain containers only."""
+    """Unpickle ``path`` (any protocol, 0 to 5) allowing numpy arrays and plain containers
+    only."""
     with open(path, "rb") as f:
         data = f.read()
     try:
         return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f"{path}: {e}") from None
+    except pickle.UnpicklingError as e:
+        # e.g. protocol 5 data written out-of-band: it is not in the file
+        raise ValueError(f"{path}: not a readable weight pickle ({e})") from None
 
 
 def _resolve(path: str) -> str:

@@ -8,14 +8,17 @@
 - the checkpointer that loads safely and saves atomically
   (:class:`~dab_detr.checkpoint.DabDetrCheckpointer`), which also keeps the optimizer's state
   with Detectron2 v0.6;
-- the NaN stop: a non-finite loss stops training with the last checkpoint named.
+- the NaN stop: a non-finite loss stops training with the last checkpoint named;
+- multi-worker runs on CPU (gloo, :mod:`dab_detr.engine.launch`), a check that every worker
+  holds the same model, and periodic checkpoints that keep the newest
+  ``SOLVER.CHECKPOINTS_TO_KEEP``.
 """
 
 import os
 import weakref
 
 from detectron2.data import build_detection_test_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
@@ -27,7 +30,8 @@ from ..data import (
     check_num_classes,
     ensure_builtin_dataset,
 )
-from .hooks import TrainDataHook
+from .hooks import ReplicaCheckHook, RetainingPeriodicCheckpointer, TrainDataHook
+from .launch import ddp_without_device_ids
 from .optimizer import build_optimizer
 from .predictor import draw_detections
 from .train_loader import build_train_loader, restart_data_loader
@@ -41,6 +45,10 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer with DETR's data augmentation, optimizer, COCO evaluation, a
     checkpointer that loads safely and saves atomically, and a resumable data loader."""
 
+    def __init__(self, cfg):
+        with ddp_without_device_ids():  # DefaultTrainer wraps the model in DDP
+            super().__init__(cfg)
+
     def build_hooks(self):
         # DefaultTrainer.__init__ builds its checkpointer just before its hooks; swap it here so
         # that loading, resuming and the periodic checkpoints all go through ours.
@@ -50,7 +58,15 @@ class Trainer(DefaultTrainer):
             arch=architecture_record(self.cfg),
             trainer=weakref.proxy(self),
         )
-        return [TrainDataHook(self._trainer.data_loader)] + super().build_hooks()
+        ret = super().build_hooks()
+        keep = self.cfg.SOLVER.CHECKPOINTS_TO_KEEP
+        for i, hook in enumerate(ret):
+            if isinstance(hook, hooks.PeriodicCheckpointer):
+                ret[i] = RetainingPeriodicCheckpointer(
+                    self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD,
+                    max_to_keep=keep if keep > 0 else None,
+                )
+        return [ReplicaCheckHook(), TrainDataHook(self._trainer.data_loader)] + ret
 
     @classmethod
     def build_train_loader(cls, cfg):

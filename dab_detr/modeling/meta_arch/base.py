@@ -65,10 +65,13 @@ class SetPredictionDetector(nn.Module):
         """The learned anchors ``refpoint_embed`` in inverse-sigmoid space, N(0, 1) as
         ``nn.Embedding`` initialises them; with ``random_refpoints_xy`` (fixxy) the centres
         are drawn uniformly in [0, 1] into the buffer ``refpoint_xy`` instead, so that neither
-        gradients nor weight decay move them."""
+        gradients nor weight decay move them. They are drawn from their own generator, not the
+        global one that Detectron2 seeds differently on each worker: DDP does not broadcast
+        buffers, so every worker of a run, and every run, must draw the same centres."""
         if random_refpoints_xy:
             self.refpoint_embed = nn.Embedding(num_queries, query_dim - 2)
-            self.register_buffer("refpoint_xy", inverse_sigmoid(torch.rand(num_queries, 2)))
+            centres = torch.rand(num_queries, 2, generator=torch.Generator().manual_seed(0))
+            self.register_buffer("refpoint_xy", inverse_sigmoid(centres))
         else:
             self.refpoint_embed = nn.Embedding(num_queries, query_dim)
             self.refpoint_xy: Optional[torch.Tensor] = None

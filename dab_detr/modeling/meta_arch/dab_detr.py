@@ -105,6 +105,13 @@ class DABDETR(SetPredictionDetector):
         if d.DN.ENABLED and d.QUERY_DIM != 4:
             raise ValueError("MODEL.DAB_DETR.DN.ENABLED needs QUERY_DIM = 4 (the noised "
                              "boxes are the denoising queries' anchors)")
+        if d.BBOX_EMBED_DIFF_EACH_LAYER and not d.AUX_LOSS and d.DEC_LAYERS > 1:
+            raise ValueError(
+                "MODEL.DAB_DETR.BBOX_EMBED_DIFF_EACH_LAYER True with MODEL.DAB_DETR.AUX_LOSS "
+                "False: only the last layer is supervised, so the box heads of the earlier "
+                "layers would never learn (and DDP stops at parameters without gradients). "
+                "Set AUX_LOSS True or BBOX_EMBED_DIFF_EACH_LAYER False."
+            )
         box_head = lambda: MLP(d.HIDDEN_DIM, d.HIDDEN_DIM, 4, 3)  # noqa: E731
         if d.BBOX_EMBED_DIFF_EACH_LAYER:
             bbox_embed = nn.ModuleList(box_head() for _ in range(d.DEC_LAYERS))
