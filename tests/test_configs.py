@@ -112,6 +112,7 @@ def test_optimizer_param_groups(name):
         expected_lr = base * cfg.SOLVER.BACKBONE_MULTIPLIER if set(i) == backbone else base
         assert g["lr"] == expected_lr
         assert g["weight_decay"] == cfg.SOLVER.WEIGHT_DECAY
+        assert g["fused"] is True  # torch >= 2.4 has a fused AdamW on CPU
     # frozen parameters (stem and res2 with FREEZE_AT 2) are in no group
     frozen = {id(p) for p in model.parameters() if not p.requires_grad}
     assert not frozen & (set(ids[0]) | set(ids[1]))
@@ -146,3 +147,30 @@ def test_box_heads_that_would_get_no_gradient_are_refused(iter_update):
         model.train()
         sum(model(_batch(cfg.MODEL.DAB_DETR.NUM_CLASSES)).values()).backward()
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_fused_adamw_makes_the_update_of_the_loop():
+    cfg = load_cfg("quick_schedules/dab_detr_R_18_shapes.yaml")
+    model = build_model(cfg)
+    fused = build_optimizer(cfg, model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    sum(model(_batch(cfg.MODEL.DAB_DETR.NUM_CLASSES)).values()).backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    for _ in range(3):
+        fused.step()
+    after_fused = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.load_state_dict(state)
+    # the same class (full-model clipping included) with torch's per-tensor loop
+    loop = type(fused)([{"params": g["params"], "lr": g["lr"]} for g in fused.param_groups],
+                       lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+                       fused=False, foreach=False)
+    for p, g in zip([p for p in model.parameters() if p.grad is not None], grads):
+        p.grad = g
+    for _ in range(3):
+        loop.step()
+    moved = 0
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), after_fused[n], rtol=0, atol=1e-6, msg=n)
+        moved += int(not torch.equal(p.detach(), state[n]))
+    assert moved > 100  # the steps did update the weights
