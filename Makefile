@@ -20,9 +20,12 @@ $(STAMP): setup.py tools/install_detectron2.py
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+RUN_DIR ?= output/dn_dab_detr_R_18_shapes
+
 run: $(STAMP)
-	$(PY) train_net.py --config-file configs/quick_schedules/dab_detr_R_18_shapes.yaml \
-		OUTPUT_DIR output/dab_detr_R_18_shapes
+	$(PY) train_net.py --config-file configs/quick_schedules/dn_dab_detr_R_18_shapes.yaml \
+		OUTPUT_DIR $(RUN_DIR)
+	$(PY) tools/plot_metrics.py $(RUN_DIR)/metrics.json --output $(RUN_DIR)/curve.png
 
 lint: $(STAMP)
 	$(PY) -m ruff check dab_detr tests tools demo benchmarks train_net.py

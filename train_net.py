@@ -66,7 +66,27 @@ def main(args):
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    results = trainer.train()
+    if comm.is_main_process():
+        logger.info(where_the_results_are(cfg))
+    return results
+
+
+def where_the_results_are(cfg) -> str:
+    """The closing lines of a training run: where its AP table, curve and pictures are."""
+    out = cfg.OUTPUT_DIR
+    lines = [
+        f"Results of this run, in {out}:",
+        f"  AP tables: the last 'Evaluation results' above, also in {out}/log.txt, and every "
+        f"evaluation's bbox/AP* in {out}/metrics.json",
+        f"  training curve: python tools/plot_metrics.py {out}/metrics.json "
+        f"--output {out}/curve.png",
+        f"  checkpoint: {out}/model_final.pth",
+    ]
+    if cfg.TEST.VIS_NUM_IMAGES > 0:
+        lines += [f"  detections picture: {out}/inference/{name}_detections.png"
+                  for name in cfg.DATASETS.TEST]
+    return "\n".join(lines)
 
 
 def cli(argv=None):

@@ -7,14 +7,15 @@ and small generated datasets.
 import json
 import logging
 import os
+import sys
 
 import pytest
 import torch
 from PIL import Image
 
 import train_net
+from conftest import REPO, SMALL, losses_by_iteration, small_model
 from conftest import SHAPES_CONFIG as CONFIG
-from conftest import SMALL, losses_by_iteration, small_model
 from dab_detr.checkpoint import DabDetrCheckpointer, convert_torchvision
 from dab_detr.data import generate_shapes_dataset, register_builtin_datasets
 
@@ -369,3 +370,22 @@ def test_training_sets_with_different_class_lists_are_refused(tmp_path, coco_jso
     finally:
         DatasetCatalog.remove("mine_swapped")
         MetadataCatalog.remove("mine_swapped")
+
+
+def test_a_run_ends_by_saying_where_its_results_are(tmp_path, caplog):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import plot_metrics
+
+    caplog.set_level(logging.INFO, logger="dab_detr")
+    train_net.main(_args(tmp_path, "SOLVER.MAX_ITER", "2", "TEST.VIS_NUM_IMAGES", "2",
+                         "TEST.EVAL_PERIOD", "1"))
+    text = caplog.text[caplog.text.index("Results of this run"):]
+    picture = tmp_path / "inference" / "dab_shapes_val_detections.png"
+    assert f"detections picture: {picture}" in text and picture.is_file()
+    assert f"{tmp_path}/log.txt" in text and (tmp_path / "log.txt").is_file()
+    assert f"checkpoint: {tmp_path}/model_final.pth" in text
+    # the curve command it names works
+    command = f"python tools/plot_metrics.py {tmp_path}/metrics.json --output {tmp_path}/curve.png"
+    assert command in text
+    plot_metrics.main(command.split()[2:])
+    assert (tmp_path / "curve.png").stat().st_size > 1000

@@ -93,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not records:
         raise SystemExit(f"{args.metrics} holds no metrics")
     plot_metrics(records, args.output, args.title or args.metrics)
-    logger.info("wrote %s", args.output)
+    logger.info("training curve (losses and AP against iteration): %s", args.output)
 
 
 if __name__ == "__main__":
