@@ -100,7 +100,12 @@ def test_two_stage_anchors_are_the_top_encoder_proposals():
         images = model.preprocess_image(_batch())
         outputs = model.forward_predictions(images, with_aux=True)
     enc = outputs["enc_outputs"]
-    top = enc["pred_logits"][..., 0].topk(10, dim=1).indices  # (B, 10)
+    # padding and border proposals rank last: their boxes are sigmoid(inf) = 1 (a valid one,
+    # a logit of [0.01, 0.99] plus the zero delta of an untrained head, is below 1)
+    invalid = (enc["pred_boxes"] == 1).any(-1)
+    assert invalid[1].any()  # the smaller image is padded: the exclusion is exercised
+    score = enc["pred_logits"][..., 0].masked_fill(invalid, float("-inf"))
+    top = score.topk(10, dim=1).indices  # (B, 10)
     expected = torch.gather(enc["pred_boxes"], 1, top[..., None].expand(-1, -1, 4))
     torch.testing.assert_close(seen["references"][0], expected)
 

@@ -231,7 +231,7 @@ def test_sampling_trace_is_what_the_cross_attention_used():
     for n, ((_, reference, memory, shapes, _, mask), output) in enumerate(calls):
         ca = layers[n].cross_attn
         torch.testing.assert_close(trace.reference_boxes[n], reference[0])
-        torch.testing.assert_close(trace.spatial_shapes, shapes)
+        torch.testing.assert_close(trace.spatial_shapes, torch.tensor(shapes))
         with torch.no_grad():
             value = ca.value_proj(memory).masked_fill(mask[..., None], 0.0)
             # (1, S, C) -> (1, S, h, C / h)

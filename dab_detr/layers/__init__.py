@@ -9,8 +9,14 @@ from .attention import (
     multi_head_attention,
 )
 from .box_ops import inverse_sigmoid, refine_boxes
+from .initialisation import copy_first_parameters
 from .mlp import MLP, post_norm_ffn
-from .ms_deform_attn import MSDeformAttn, multi_scale_deformable_attention
+from .ms_deform_attn import (
+    MSDeformAttn,
+    SpatialShapes,
+    level_shapes,
+    multi_scale_deformable_attention,
+)
 from .position_encoding import PositionEmbeddingSine, box_sine_embedding, sine_features
 
 __all__ = [
@@ -19,9 +25,12 @@ __all__ = [
     "EncoderSelfAttention",
     "MSDeformAttn",
     "PositionEmbeddingSine",
+    "SpatialShapes",
     "box_sine_embedding",
+    "copy_first_parameters",
     "inverse_sigmoid",
     "key_padding_to_attn_mask",
+    "level_shapes",
     "multi_head_attention",
     "multi_scale_deformable_attention",
     "post_norm_ffn",

@@ -81,6 +81,9 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.dropout = dropout
         self.out_proj = nn.Linear(embed_dim, embed_dim)
+        # the output bias starts at zero, as in every attention of the official models
+        # (``nn.MultiheadAttention`` and DAB-DETR's own ``MultiheadAttention``)
+        nn.init.zeros_(self.out_proj.bias)
 
     def forward(
         self,
@@ -105,9 +108,9 @@ class EncoderSelfAttention(Attention):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__(embed_dim, num_heads, dropout)
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        # nn.MultiheadAttention's initialisation
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
         nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.out_proj.bias)
 
     def forward(
         self, x: torch.Tensor, pos: torch.Tensor, attn_mask: Optional[torch.Tensor] = None

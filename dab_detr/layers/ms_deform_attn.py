@@ -15,18 +15,39 @@ bottom-right corner (padding area included).
 """
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MSDeformAttn", "multi_scale_deformable_attention"]
+__all__ = ["MSDeformAttn", "SpatialShapes", "level_shapes", "multi_scale_deformable_attention"]
+
+# ``(H_l, W_l)`` of each level: an ``(L, 2)`` long tensor (the official signature), or L pairs
+# of Python ints. The pairs, taken from the maps' shapes, need no device-to-host copy and stay
+# symbolic under torch.export (a tensor's ``tolist()`` would make the export's sizes constant).
+SpatialShapes = Union[torch.Tensor, Sequence[Tuple[int, int]]]
+
+
+def level_shapes(spatial_shapes: SpatialShapes) -> List[Tuple[int, int]]:
+    """``spatial_shapes`` as a list of ``(H_l, W_l)`` Python ints (from a tensor: a device sync
+    when it lives on GPU)."""
+    if torch.is_tensor(spatial_shapes):
+        return [(int(hl), int(wl)) for hl, wl in spatial_shapes.tolist()]
+    return [(hl, wl) for hl, wl in spatial_shapes]
+
+
+def _shapes_tensor(spatial_shapes: SpatialShapes, like: torch.Tensor) -> torch.Tensor:
+    """``(L, 2)`` ``(H_l, W_l)`` in the dtype and on the device of ``like``."""
+    if torch.is_tensor(spatial_shapes):
+        return spatial_shapes.to(like)
+    # torch.tensor, not as_tensor: the latter makes symbolic sizes constant under torch.export
+    return torch.tensor(list(spatial_shapes), dtype=like.dtype, device=like.device)
 
 
 def multi_scale_deformable_attention(
     value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
+    spatial_shapes: SpatialShapes,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
@@ -39,7 +60,7 @@ def multi_scale_deformable_attention(
 
     Args:
         value: ``(B, S, h, d)``, the tokens of all levels.
-        spatial_shapes: ``(L, 2)`` long, ``(H_l, W_l)`` per level.
+        spatial_shapes: ``(H_l, W_l)`` per level (``SpatialShapes``).
         sampling_locations: ``(B, Q, h, L, P, 2)``, normalised ``(x, y)``, usually in [0, 1];
             points outside sample zeros there.
         attention_weights: ``(B, Q, h, L, P)``, already normalised (softmax over L * P).
@@ -49,8 +70,8 @@ def multi_scale_deformable_attention(
     """
     b, s, n_heads, d = value.shape
     _, q, _, n_levels, n_points, _ = sampling_locations.shape
-    # grid_sample needs the sizes as Python ints (a device sync when the shapes live on GPU)
-    shapes = [(int(hl), int(wl)) for hl, wl in spatial_shapes.tolist()]
+    # grid_sample needs the sizes as Python ints
+    shapes = level_shapes(spatial_shapes)
     sizes = [hl * wl for hl, wl in shapes]
     if sum(sizes) != s:
         raise ValueError(f"spatial_shapes {shapes} make {sum(sizes)} tokens, value has {s}")
@@ -131,14 +152,14 @@ class MSDeformAttn(nn.Module):
         self,
         query: torch.Tensor,
         reference_points: torch.Tensor,
-        spatial_shapes: torch.Tensor,
+        spatial_shapes: SpatialShapes,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Where each query samples and how much each sample weighs (what ``forward`` feeds
         ``multi_scale_deformable_attention``; public so that pictures can show it).
 
         Args:
             query, reference_points: as in ``forward``.
-            spatial_shapes: ``(L, 2)`` long, ``(H_l, W_l)`` per level.
+            spatial_shapes: ``(H_l, W_l)`` per level (``SpatialShapes``).
 
         Returns:
             locations: ``(B, Q, h, L, P, 2)`` normalised ``(x, y)`` in each level's padded map.
@@ -157,7 +178,7 @@ class MSDeformAttn(nn.Module):
         weights = weights.softmax(dim=-1).view(b, q, h, n_levels, n_points)
         if reference_points.shape[-1] == 2:
             # (L, 2) (H_l, W_l) -> (W_l, H_l), the (x, y) order of the offsets
-            normalizer = spatial_shapes.flip(-1).to(offsets.dtype)
+            normalizer = _shapes_tensor(spatial_shapes, offsets).flip(-1)
             # (B, Q, L, 2) -> (B, Q, 1, L, 1, 2) + (B, Q, h, L, P, 2) / (1, 1, 1, L, 1, 2)
             locations = (
                 reference_points[:, :, None, :, None, :]
@@ -179,7 +200,7 @@ class MSDeformAttn(nn.Module):
         query: torch.Tensor,
         reference_points: torch.Tensor,
         input_flatten: torch.Tensor,
-        input_spatial_shapes: torch.Tensor,
+        input_spatial_shapes: SpatialShapes,
         input_level_start_index: torch.Tensor,
         input_padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
@@ -192,7 +213,8 @@ class MSDeformAttn(nn.Module):
                 boxes, offsets being measured in fractions of the box (P steps span half
                 its width or height).
             input_flatten: ``(B, S, C)``, the tokens of all levels.
-            input_spatial_shapes: ``(L, 2)`` long, ``(H_l, W_l)`` per level.
+            input_spatial_shapes: ``(H_l, W_l)`` per level: an ``(L, 2)`` long tensor or L
+                pairs of ints (``SpatialShapes``).
             input_level_start_index: ``(L,)`` long, the index of each level's first token.
                 The PyTorch path derives the split from ``input_spatial_shapes``; the
                 argument keeps the official signature, which fused kernels take.

@@ -21,6 +21,7 @@ from ...layers import (
     MLP,
     EncoderSelfAttention,
     MSDeformAttn,
+    SpatialShapes,
     box_sine_embedding,
     post_norm_ffn,
     refine_boxes,
@@ -62,7 +63,7 @@ class DeformableDecoderLayer(nn.Module):
         query_pos: torch.Tensor,
         reference_boxes: torch.Tensor,
         memory: torch.Tensor,
-        spatial_shapes: torch.Tensor,
+        spatial_shapes: SpatialShapes,
         level_start_index: torch.Tensor,
         memory_padding_mask: Optional[torch.Tensor],
         self_attn_mask: Optional[torch.Tensor] = None,
@@ -73,7 +74,7 @@ class DeformableDecoderLayer(nn.Module):
             query_pos: ``(B, NQ, C)`` positional queries.
             reference_boxes: ``(B, NQ, L, 4)`` the anchors in each level's padded coordinates.
             memory: ``(B, S, C)`` encoder output.
-            spatial_shapes, level_start_index: ``(L, 2)`` and ``(L,)``.
+            spatial_shapes, level_start_index: ``(H_l, W_l)`` per level and ``(L,)``.
             memory_padding_mask: ``(B, S)`` bool, True at padding, or None.
             self_attn_mask: boolean mask broadcastable to ``(B, 1, NQ, NQ)``, True where a
                 query may attend another, or None (all may).
@@ -115,7 +116,7 @@ class DABDeformableDecoder(nn.Module):
         tgt: torch.Tensor,
         anchors: torch.Tensor,
         memory: torch.Tensor,
-        spatial_shapes: torch.Tensor,
+        spatial_shapes: SpatialShapes,
         level_start_index: torch.Tensor,
         ratios: torch.Tensor,
         memory_padding_mask: Optional[torch.Tensor],
@@ -126,7 +127,7 @@ class DABDeformableDecoder(nn.Module):
             tgt: ``(B, NQ, C)`` initial content queries.
             anchors: ``(B, NQ, 4)`` initial anchors, cxcywh in [0, 1].
             memory: ``(B, S, C)`` encoder output.
-            spatial_shapes, level_start_index: ``(L, 2)`` and ``(L,)``.
+            spatial_shapes, level_start_index: ``(H_l, W_l)`` per level and ``(L,)``.
             ratios: ``(B, L, 2)`` valid ratios ``(w, h)`` of each level.
             memory_padding_mask: ``(B, S)`` bool, True at padding, or None.
             self_attn_mask: see :class:`DeformableDecoderLayer`.

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...layers import MSDeformAttn, post_norm_ffn
+from ...layers import MSDeformAttn, SpatialShapes, level_shapes, post_norm_ffn
 
 __all__ = [
     "DeformableEncoder",
@@ -34,12 +34,12 @@ def valid_ratios(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torc
 
 
 def encoder_reference_points(
-    spatial_shapes: torch.Tensor, ratios: torch.Tensor
+    spatial_shapes: SpatialShapes, ratios: torch.Tensor
 ) -> torch.Tensor:
     """Each token's centre, as seen from every level.
 
     Args:
-        spatial_shapes: ``(L, 2)`` ``(H_l, W_l)``.
+        spatial_shapes: ``(H_l, W_l)`` per level (``SpatialShapes``).
         ratios: ``(B, L, 2)`` valid ratios ``(w, h)`` of each level.
 
     Returns:
@@ -48,9 +48,10 @@ def encoder_reference_points(
         ratio, i.e. in the padded coordinates of that level.
     """
     points = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-        ys = torch.linspace(0.5, h - 0.5, h, dtype=ratios.dtype, device=ratios.device)
-        xs = torch.linspace(0.5, w - 0.5, w, dtype=ratios.dtype, device=ratios.device)
+    for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
+        # 0.5, 1.5, ..., n - 0.5 (linspace's values; torch.export makes its count constant)
+        ys = torch.arange(h, dtype=ratios.dtype, device=ratios.device) + 0.5
+        xs = torch.arange(w, dtype=ratios.dtype, device=ratios.device) + 0.5
         ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")  # (H_l, W_l) each
         # (H_l * W_l,) -> (B, H_l * W_l): normalised by the image's valid extent on this level
         ref_y = ref_y.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)
@@ -87,7 +88,7 @@ class DeformableEncoderLayer(nn.Module):
         src: torch.Tensor,
         pos: torch.Tensor,
         reference_points: torch.Tensor,
-        spatial_shapes: torch.Tensor,
+        spatial_shapes: SpatialShapes,
         level_start_index: torch.Tensor,
         padding_mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
@@ -96,7 +97,7 @@ class DeformableEncoderLayer(nn.Module):
             src: ``(B, S, C)`` tokens of all levels.
             pos: ``(B, S, C)`` position encoding plus level embedding.
             reference_points: ``(B, S, L, 2)`` from :func:`encoder_reference_points`.
-            spatial_shapes, level_start_index: ``(L, 2)`` and ``(L,)``.
+            spatial_shapes, level_start_index: ``(H_l, W_l)`` per level and ``(L,)``.
             padding_mask: ``(B, S)`` bool, True at padding, or None.
 
         Returns:
@@ -120,7 +121,7 @@ class DeformableEncoder(nn.Module):
         self,
         src: torch.Tensor,
         pos: torch.Tensor,
-        spatial_shapes: torch.Tensor,
+        spatial_shapes: SpatialShapes,
         level_start_index: torch.Tensor,
         ratios: torch.Tensor,
         padding_mask: Optional[torch.Tensor],

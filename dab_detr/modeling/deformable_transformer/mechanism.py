@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
+from ...layers import level_shapes
 from ..transformer.mechanism import call_argument, predict_with_hooks
 
 __all__ = ["SamplingTrace", "level_strides", "level_to_pixels", "trace_sampling"]
@@ -81,7 +82,8 @@ def trace_sampling(model: nn.Module, images: Any) -> SamplingTrace:
         locations, weights = module.sampling_locations_and_weights(
             call_argument(module, "query", args, kwargs), reference_boxes, shapes
         )
-        seen["spatial_shapes"] = shapes
+        # the transformer passes (H_l, W_l) ints (SpatialShapes); the trace keeps a tensor
+        seen["spatial_shapes"] = torch.tensor(level_shapes(shapes))
         seen["reference_boxes"].append(reference_boxes[0])
         seen["locations"].append(locations[0])
         seen["weights"].append(weights[0])

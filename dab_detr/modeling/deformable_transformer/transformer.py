@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Type
 import torch
 from torch import nn
 
-from ...layers import MSDeformAttn
+from ...layers import MSDeformAttn, copy_first_parameters
 from .decoder import DABDeformableDecoder, DeformableDecoderLayer
 from .encoder import DeformableEncoder, DeformableEncoderLayer, valid_ratios
 from .two_stage import EncoderProposals
@@ -74,9 +74,13 @@ class DABDeformableTransformer(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        # As Deformable DETR: Xavier for every matrix of the transformer (the box heads, owned
-        # by the detector, keep theirs), then the deformable attentions' own initialisation,
-        # and N(0, 1) level embeddings.
+        # As Deformable DETR: the layers of each stack start as copies of the first (its
+        # ``_get_clones``; the biases stay equal across layers), then Xavier for every matrix
+        # of the transformer (the box heads, owned by the detector, keep theirs), then the
+        # deformable attentions' own initialisation, which zeroes some of those matrices
+        # again, and N(0, 1) level embeddings.
+        copy_first_parameters(self.encoder.layers)
+        copy_first_parameters(self.decoder.layers)
         for name, p in self.named_parameters():
             if p.dim() > 1 and not name.startswith("decoder.bbox_embed."):
                 nn.init.xavier_uniform_(p)
@@ -112,9 +116,12 @@ class DABDeformableTransformer(nn.Module):
             anchors), ``references`` ``(N, B, NQ, 4)`` (the anchors each layer used), and
             two-stage ``enc_logits`` ``(B, S, K_cls)`` and ``enc_boxes`` ``(B, S, 4)``.
         """
-        flat_src, flat_mask, flat_pos, shapes = [], [], [], []
+        # L (H_l, W_l) as Python ints, not a tensor: the attentions need ints, which a tensor
+        # would give through a device sync in each of them, and torch.export keeps these
+        # symbolic (the ONNX graph's dynamic image sizes)
+        flat_src, flat_mask, flat_pos, spatial_shapes = [], [], [], []
         for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
-            shapes.append(src.shape[-2:])
+            spatial_shapes.append(tuple(src.shape[-2:]))
             # (B, C, H, W) -> (B, HW, C), tokens in row-major order
             flat_src.append(src.flatten(2).transpose(1, 2))
             flat_mask.append(mask.flatten(1))
@@ -122,11 +129,10 @@ class DABDeformableTransformer(nn.Module):
         src = torch.cat(flat_src, 1)  # (B, S, C)
         mask = torch.cat(flat_mask, 1)  # (B, S)
         pos = torch.cat(flat_pos, 1)  # (B, S, C)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)  # (L, 2)
+        sizes = [h * w for h, w in spatial_shapes]
         # (L,) index of each level's first token
-        level_start_index = torch.cat(
-            (spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1])
-        )
+        level_start_index = torch.tensor([sum(sizes[:lvl]) for lvl in range(len(sizes))],
+                                         dtype=torch.long, device=src.device)
         # (B, L, 2), in float32 as in the official code, whatever the model's precision
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)
         memory = self.encoder(src, pos, spatial_shapes, level_start_index, ratios, mask)

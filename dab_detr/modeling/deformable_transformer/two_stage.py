@@ -15,20 +15,20 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from ...layers import sine_features
+from ...layers import SpatialShapes, level_shapes, sine_features
 
 __all__ = ["EncoderProposals", "encoder_output_proposals"]
 
 
 def encoder_output_proposals(
-    memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: torch.Tensor
+    memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: SpatialShapes
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One proposal per token, in inverse-sigmoid space.
 
     Args:
         memory: ``(B, S, C)`` encoder output.
         padding_mask: ``(B, S)`` bool, True at padding.
-        spatial_shapes: ``(L, 2)`` ``(H_l, W_l)``.
+        spatial_shapes: ``(H_l, W_l)`` per level (``SpatialShapes``).
 
     Returns:
         memory: ``(B, S, C)`` the memory, zero at padding and at invalid proposals.
@@ -38,12 +38,13 @@ def encoder_output_proposals(
     """
     b = memory.shape[0]
     proposals, start = [], 0
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
         mask = padding_mask[:, start : start + h * w].view(b, h, w)
         valid_h = (~mask[:, :, 0]).sum(1)
         valid_w = (~mask[:, 0, :]).sum(1)
-        ys = torch.linspace(0, h - 1, h, dtype=memory.dtype, device=memory.device)
-        xs = torch.linspace(0, w - 1, w, dtype=memory.dtype, device=memory.device)
+        # 0, 1, ..., n - 1 (linspace's values; torch.export makes its count constant)
+        ys = torch.arange(h, dtype=memory.dtype, device=memory.device)
+        xs = torch.arange(w, dtype=memory.dtype, device=memory.device)
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         grid = torch.stack([grid_x, grid_y], -1)  # (H_l, W_l, 2) (x, y)
         scale = torch.stack([valid_w, valid_h], -1).to(memory.dtype).view(b, 1, 1, 2)
@@ -76,7 +77,7 @@ class EncoderProposals(nn.Module):
         self,
         memory: torch.Tensor,
         padding_mask: torch.Tensor,
-        spatial_shapes: torch.Tensor,
+        spatial_shapes: SpatialShapes,
         class_head: nn.Module,
         box_head: nn.Module,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

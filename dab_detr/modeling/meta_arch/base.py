@@ -10,7 +10,7 @@ size of the (unpadded) input image.
 """
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode
@@ -29,6 +29,7 @@ __all__ = [
     "build_set_criterion",
     "denoising_from_config",
     "init_heads",
+    "resize_padding_mask",
 ]
 
 
@@ -150,7 +151,8 @@ class SetPredictionDetector(nn.Module):
 
     @staticmethod
     def padding_mask(images: ImageList) -> torch.Tensor:
-        """``(B, H, W)`` bool, True where ``images.tensor`` is padding."""
+        """``(B, H, W)`` bool, True where ``images.tensor`` is padding. ``image_sizes`` may
+        also be a ``(B, 2)`` tensor of (h, w) (the ONNX export's input)."""
         sizes = torch.as_tensor(images.image_sizes, device=images.tensor.device)  # (B, 2)
         h, w = images.tensor.shape[-2:]
         rows = torch.arange(h, device=sizes.device)[None, :, None] >= sizes[:, 0, None, None]
@@ -223,20 +225,68 @@ class SetPredictionDetector(nn.Module):
         Returns:
             Per image, ``Instances`` of ``num_select`` detections in input pixels.
         """
-        b, nq, k = logits.shape
-        scores, index = logits.sigmoid().flatten(1).topk(min(self.num_select, nq * k), dim=1)
-        query = torch.div(index, k, rounding_mode="floor")  # (B, num_select)
-        boxes = torch.gather(boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4))
-        boxes = box_convert(boxes, "cxcywh", "xyxy")
+        scores, classes, boxes = self.top_detections(logits, boxes)
         results = []
         for i, (h, w) in enumerate(image_sizes):
             result = Instances((h, w))
             scale = torch.as_tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
             result.pred_boxes = Boxes(boxes[i] * scale)
             result.scores = scores[i]
-            result.pred_classes = index[i] % k
+            result.pred_classes = classes[i]
             results.append(result)
         return results
+
+    def top_detections(
+        self, logits: torch.Tensor, boxes: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tensors of ``inference``: top-k over queries x classes of the sigmoid scores.
+
+        Args:
+            logits: ``(B, NQ, K)``.
+            boxes: ``(B, NQ, 4)`` cxcywh normalised.
+
+        Returns:
+            scores ``(B, S)`` best first, classes ``(B, S)`` int64 and boxes ``(B, S, 4)`` XYXY
+            normalised by the image size, ``S = min(num_select, NQ * K)``.
+        """
+        b, nq, k = logits.shape
+        scores, index = logits.sigmoid().flatten(1).topk(min(self.num_select, nq * k), dim=1)
+        query = torch.div(index, k, rounding_mode="floor")  # (B, S)
+        boxes = torch.gather(boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4))
+        return scores, index % k, box_convert(boxes, "cxcywh", "xyxy")
+
+
+def resize_padding_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """A padding mask resized nearest-neighbour to a feature map's size, as DETR resizes it
+    (``F.interpolate``'s default mode, whose results these are).
+
+    Written out because ONNX's Resize computes the source pixel as ``i / (h / H)`` where
+    PyTorch computes ``i * (H / h)``: in float32 the first can fall one pixel short where
+    ``i * H / h`` is a whole number (onnxruntime's ``6 / (10 / 150)`` is 89.99999, PyTorch's
+    ``6 * 15`` is 90), which moves the edge of the padding in an exported graph.
+
+    Args:
+        mask: ``(B, H, W)`` bool, True at padding.
+        size: ``(h, w)`` of the feature map.
+
+    Returns:
+        ``(B, h, w)`` bool: pixel ``(i, j)`` is ``mask``'s
+        ``(floor(i * (H / h)), floor(j * (W / w)))``, the ratios in float32.
+    """
+    rows = _nearest_sources(mask.shape[1], size[0], mask.device)
+    cols = _nearest_sources(mask.shape[2], size[1], mask.device)
+    return mask.index_select(1, rows).index_select(2, cols)
+
+
+def _nearest_sources(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """``(n_out,)`` the input index of each output index in PyTorch's nearest resize
+    (``nearest_idx`` of ATen's UpSample.h): ``min(floor(i * (n_in / n_out)), n_in - 1)``."""
+    # float32 arange times a Python float: the product is float32, the scale rounded to the
+    # float32 quotient ATen uses (a double rounded to float32 is that quotient for any
+    # n_out < 2 ** 24)
+    scale = n_in / n_out
+    index = (torch.arange(n_out, dtype=torch.float32, device=device) * scale).floor()
+    return index.long().clamp(max=n_in - 1)
 
 
 def _to_float32(outputs):

@@ -11,14 +11,13 @@ layers. Boxes inside the model are cxcywh normalised by the size of the (unpadde
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import ImageList
 from torch import nn
 
-from ...layers import MLP, PositionEmbeddingSine
+from ...layers import MLP, PositionEmbeddingSine, copy_first_parameters
 from ..criterion import SetCriterion
 from ..deformable_transformer import DABDeformableTransformer
 from .base import (
@@ -26,6 +25,7 @@ from .base import (
     build_set_criterion,
     denoising_from_config,
     init_heads,
+    resize_padding_mask,
 )
 from .dab_detr import ACTIVATIONS
 
@@ -114,6 +114,10 @@ class DABDeformableDETR(SetPredictionDetector):
             if num_patterns > 0:
                 self.patterns_embed = nn.Embedding(num_patterns, hidden_dim)
         init_heads(list(class_embed), list(bbox_embed))
+        # as the official model (Deformable DETR's _get_clones of one initialised head): every
+        # layer's heads start as copies of the first's
+        copy_first_parameters(class_embed)
+        copy_first_parameters(bbox_embed)
         if not self.two_stage:
             # as the official model (Deformable DETR's box refinement): the first layer's boxes
             # start smaller than the anchors, sigmoid(inverse_sigmoid(wh) - 2)
@@ -173,7 +177,7 @@ class DABDeformableDETR(SetPredictionDetector):
         # oneDNN's convolutions are faster on channels-last maps; same results up to rounding
         pixels = images.tensor.contiguous(memory_format=torch.channels_last)
         features = self.backbone(pixels)
-        image_mask = self.padding_mask(images)[None].float()  # (1, B, H, W)
+        image_mask = self.padding_mask(images)  # (B, H, W)
         srcs, masks, pos = [], [], []
         for level, proj in enumerate(self.input_proj):
             if level < len(self.in_features):
@@ -182,7 +186,7 @@ class DABDeformableDETR(SetPredictionDetector):
                 src = proj(features[self.in_features[-1]])
             else:
                 src = proj(srcs[-1])
-            mask = F.interpolate(image_mask, size=src.shape[-2:]).to(torch.bool)[0]
+            mask = resize_padding_mask(image_mask, src.shape[-2:])
             srcs.append(src)
             masks.append(mask)
             pos.append(self.position_embedding(mask).to(src.dtype))

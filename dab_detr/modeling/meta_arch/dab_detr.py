@@ -9,7 +9,6 @@ of the (unpadded) input image.
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
@@ -24,6 +23,7 @@ from .base import (
     build_set_criterion,
     denoising_from_config,
     init_heads,
+    resize_padding_mask,
 )
 
 __all__ = ["DABDETR"]
@@ -173,8 +173,7 @@ class DABDETR(SetPredictionDetector):
         pixels = images.tensor.contiguous(memory_format=torch.channels_last)
         features = self.backbone(pixels)[self.in_feature]
         # The padding mask follows the features down: nearest-neighbour, as in DETR.
-        mask = F.interpolate(self.padding_mask(images)[None].float(), size=features.shape[-2:])
-        mask = mask.to(torch.bool)[0]
+        mask = resize_padding_mask(self.padding_mask(images), features.shape[-2:])
         pos = self.position_embedding(mask).to(features.dtype)
         src, anchors = self.input_proj(features), self.anchors()
         content, dn, extra = None, None, {}

@@ -11,7 +11,7 @@ from typing import Optional, Tuple, Type
 import torch
 from torch import nn
 
-from ...layers import key_padding_to_attn_mask
+from ...layers import copy_first_parameters, key_padding_to_attn_mask
 from .decoder import TransformerDecoder
 from .encoder import TransformerEncoder, TransformerEncoderLayer
 
@@ -75,8 +75,13 @@ class DABTransformer(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        # Xavier for every weight matrix of the encoder and decoder, as the reference does;
-        # the box head, owned by the detector, keeps its own (zero-last-layer) initialisation.
+        # As the reference: the layers of each stack start as copies of the first (its
+        # ``_get_clones``), then Xavier redraws every weight matrix of the encoder and decoder,
+        # so only the biases stay equal across layers. The patterns keep nn.Embedding's
+        # N(0, 1) (the reference makes them after this), and the box head, owned by the
+        # detector, its own (zero-last-layer) initialisation.
+        copy_first_parameters(self.encoder.layers)
+        copy_first_parameters(self.decoder.layers)
         for name, p in self.named_parameters():
             if p.dim() > 1 and not name.startswith(("patterns.", "decoder.bbox_embed.")):
                 nn.init.xavier_uniform_(p)
