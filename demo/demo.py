@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Detect objects in images with a DAB-DETR config and draw them with Detectron2's Visualizer.
 
-    python demo/demo.py --config-file configs/quick_schedules/dab_detr_R_18_shapes.yaml \\
+    python demo/demo.py --config-file configs/quick_schedules/dn_dab_detr_R_18_shapes.yaml \\
         --input img.jpg more/ "shots/*.png" --output out/ --confidence-threshold 0.5 \\
-        --json detections.json --opts MODEL.WEIGHTS output/dab_detr_R_18_shapes/model_final.pth
+        --json detections.json --opts MODEL.WEIGHTS output/dn_dab_detr_R_18_shapes/model_final.pth
 
 ``--input`` takes image files, folders (their images) and glob patterns. ``--output`` is a
 folder (created; one picture per input, named after it) or, for a single input, a file

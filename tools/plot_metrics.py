@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Plot the losses and AP of a Detectron2 training run from its ``metrics.json``.
 
-    python tools/plot_metrics.py output/dab_detr_R_18_shapes/metrics.json --output curve.png
+    python tools/plot_metrics.py output/dn_dab_detr_R_18_shapes/metrics.json --output curve.png
 
 Detectron2's ``JSONWriter`` appends one JSON object per line: the iteration and the scalars
 logged since the previous line (training losses every 20 iterations, evaluation results such

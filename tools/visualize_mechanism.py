@@ -10,8 +10,8 @@
                                      image PE temperatures 20 and 10000
 
     python tools/visualize_mechanism.py \\
-        --config-file configs/quick_schedules/dab_detr_R_18_shapes.yaml --input img.png \\
-        --output vis/ --opts MODEL.WEIGHTS output/dab_detr_R_18_shapes/model_final.pth
+        --config-file configs/quick_schedules/dn_dab_detr_R_18_shapes.yaml --input img.png \\
+        --output vis/ --opts MODEL.WEIGHTS output/dn_dab_detr_R_18_shapes/model_final.pth
 
 The query is ``--query`` or, by default, the one with the highest score. A positional map is
 the softmax over the image of the positional term of the cross-attention logits alone (see
