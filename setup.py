@@ -30,6 +30,11 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "transformers>=4.49", "timm"],
+        "dev": ["pytest", "ruff", "transformers>=4.49", "timm",
+                "onnx", "onnxscript", "onnxruntime"],
+        # python -m dab_detr.export: torch.onnx's torch.export-based exporter (onnx,
+        # onnxscript) and its check (onnxruntime). Tested with onnx 1.23.2, onnxscript 0.7.2,
+        # onnxruntime 1.32.0.
+        "export": ["onnx", "onnxscript", "onnxruntime"],
     },
 )
