@@ -91,3 +91,9 @@ def test_eval_only_ignores_epochs(tmp_path, hundred_images):
             *hundred_images, "SOLVER.EPOCHS", "12", "SOLVER.MAX_ITER", "7"]
     cfg = train_net.setup(default_argument_parser().parse_args(argv))
     assert cfg.SOLVER.MAX_ITER == 7
+
+
+def test_negative_retention_is_refused(tmp_path, hundred_images):
+    cfg = _setup(tmp_path, *hundred_images, "SOLVER.CHECKPOINTS_TO_KEEP", "-1")
+    with pytest.raises(ValueError, match="SOLVER.CHECKPOINTS_TO_KEEP must be an integer >= 0"):
+        train_net.Trainer(cfg)

@@ -60,6 +60,9 @@ class Trainer(DefaultTrainer):
         )
         ret = super().build_hooks()
         keep = self.cfg.SOLVER.CHECKPOINTS_TO_KEEP
+        if not isinstance(keep, int) or keep < 0:
+            raise ValueError(f"SOLVER.CHECKPOINTS_TO_KEEP must be an integer >= 0 (0: keep "
+                             f"all), got {keep!r}")
         for i, hook in enumerate(ret):
             if isinstance(hook, hooks.PeriodicCheckpointer):
                 ret[i] = RetainingPeriodicCheckpointer(
