@@ -1,7 +1,7 @@
 """``SOLVER.EPOCHS``: a schedule in passes over the training set, for datasets of any size.
 
 The COCO configs give ``SOLVER.MAX_ITER`` and ``STEPS`` in iterations (50 epochs of COCO at
-16 images a batch); a 500-image dataset on the same schedule would train 740 epochs. With
+16 images a batch); a 500-image dataset on the same schedule would train about 11,800 epochs. With
 ``SOLVER.EPOCHS`` the iterations follow from the dataset and the batch instead.
 """
 
