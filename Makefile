@@ -21,10 +21,12 @@ $(STAMP): setup.py tools/install_detectron2.py
 	touch $(STAMP)
 
 RUN_DIR ?= output/dn_dab_detr_R_18_shapes
+# config overrides for `make run`, e.g. ARGS="SEED 2" (Detectron2's KEY VALUE pairs)
+ARGS ?=
 
 run: $(STAMP)
 	$(PY) train_net.py --config-file configs/quick_schedules/dn_dab_detr_R_18_shapes.yaml \
-		OUTPUT_DIR $(RUN_DIR)
+		OUTPUT_DIR $(RUN_DIR) $(ARGS)
 	$(PY) tools/plot_metrics.py $(RUN_DIR)/metrics.json --output $(RUN_DIR)/curve.png
 
 lint: $(STAMP)

@@ -389,3 +389,24 @@ def test_a_run_ends_by_saying_where_its_results_are(tmp_path, caplog):
     assert command in text
     plot_metrics.main(command.split()[2:])
     assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_make_run_passes_its_args_to_train_net(tmp_path):
+    """`make run ARGS="SEED 2"` (how the README's seeds were run) hands the overrides on."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    venv = tmp_path / "venv"  # an environment make takes as set up: nothing is installed
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".installed").touch()
+    os.utime(venv / ".installed", (4e9, 4e9))  # newer than setup.py, so no set-up step
+    out = subprocess.run(["make", "-n", "run", f"VENV={venv}", "ARGS=SEED 2", "RUN_DIR=o"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = out.replace("\\\n", " ")  # make -n keeps the recipe's line continuation
+    train = " ".join(next(line for line in out.splitlines() if "train_net.py" in line).split())
+    assert train.startswith(f"{venv}/bin/python train_net.py --config-file "
+                            "configs/quick_schedules/dn_dab_detr_R_18_shapes.yaml")
+    assert train.endswith("OUTPUT_DIR o SEED 2")
+    assert f"{venv}/bin/python tools/plot_metrics.py o/metrics.json --output o/curve.png" in out
