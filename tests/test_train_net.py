@@ -7,6 +7,8 @@ and small generated datasets.
 import json
 import logging
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -393,9 +395,6 @@ def test_a_run_ends_by_saying_where_its_results_are(tmp_path, caplog):
 
 def test_make_run_passes_its_args_to_train_net(tmp_path):
     """`make run ARGS="SEED 2"` (how the README's seeds were run) hands the overrides on."""
-    import shutil
-    import subprocess
-
     if shutil.which("make") is None:
         pytest.skip("no make on this machine")
     venv = tmp_path / "venv"  # an environment make takes as set up: nothing is installed
