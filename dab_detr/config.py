@@ -113,6 +113,13 @@ def add_dab_detr_config(cfg: CN) -> None:
     # older ones of the same OUTPUT_DIR are deleted; model_final.pth always stays. 0: keep all.
     _C.SOLVER.CHECKPOINTS_TO_KEEP = 3
 
+    # An exponential moving average of the weights (dab_detr/engine/ema.py; the keys are
+    # d2go's): after every iteration w_ema <- DECAY * w_ema + (1 - DECAY) * w over parameters
+    # and batch-norm statistics. Evaluations score it and checkpoints save it as "model".
+    _C.MODEL_EMA = CN()
+    _C.MODEL_EMA.ENABLED = False
+    _C.MODEL_EMA.DECAY = 0.999
+
     # COCO-format datasets to register before training or evaluation, each a triple
     # (name, annotation json, image folder); use the names in DATASETS.TRAIN / TEST. E.g.
     # DATASETS.REGISTER_COCO "(('mine_train', 'ann/train.json', 'images/train'),)"

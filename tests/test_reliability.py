@@ -93,7 +93,10 @@ def _run_until_first_checkpoint_then_kill(output_dir, opts):
     return output_dir / tag.read_text()
 
 
-def test_killed_run_resumes_like_an_uninterrupted_one(tmp_path, shapes):
+@pytest.mark.parametrize("ema", [[], ["MODEL_EMA.ENABLED", "True", "MODEL_EMA.DECAY", "0.5"]],
+                         ids=["plain", "model_ema"])
+def test_killed_run_resumes_like_an_uninterrupted_one(tmp_path, shapes, ema):
+    shapes = [*shapes, *ema]
     killed_dir = tmp_path / "killed"
     # the killed run loads data in a worker process; the others in the main process: the
     # data order and augmentations must not depend on it
@@ -127,6 +130,11 @@ def test_killed_run_resumes_like_an_uninterrupted_one(tmp_path, shapes):
                                    rtol=1e-6, atol=1e-7, msg=name)
     for k, v in reference.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    if ema:  # and so does the average of the weights
+        assert resumed.model_ema is not None
+        for k, v in reference.model_ema.module.state_dict().items():
+            torch.testing.assert_close(resumed.model_ema.module.state_dict()[k], v, rtol=1e-5,
+                                       atol=1e-6, msg=k)
 
 
 def _batches(loader, n):

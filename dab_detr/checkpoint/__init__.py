@@ -3,7 +3,7 @@ record saved beside the weights, the Detectron2 checkpointer, and conversion of 
 checkpoints (``python -m dab_detr.convert``)."""
 
 from .arch_record import ARCH_KEY, ARCH_KEYS, architecture_record
-from .checkpointer import CLASS_HEAD_PREFIX, DabDetrCheckpointer
+from .checkpointer import CLASS_HEAD_PREFIX, TRAINING_MODEL_KEY, DabDetrCheckpointer
 from .conversion import (
     CONVERTERS,
     check_against_config,
@@ -21,6 +21,7 @@ __all__ = [
     "CLASS_HEAD_PREFIX",
     "CONVERTERS",
     "DabDetrCheckpointer",
+    "TRAINING_MODEL_KEY",
     "UnsafeCheckpointError",
     "architecture_record",
     "check_against_config",

@@ -30,7 +30,10 @@ from .arch_record import ARCH_KEY, plain
 from .conversion import convert_torchvision
 from .safe_load import load_restricted_pickle, load_state_dict_file
 
-__all__ = ["CLASS_HEAD_PREFIX", "DabDetrCheckpointer"]
+__all__ = ["CLASS_HEAD_PREFIX", "DabDetrCheckpointer", "TRAINING_MODEL_KEY"]
+
+# With MODEL_EMA, a checkpoint's "model" is the averaged model and this key the trained one.
+TRAINING_MODEL_KEY = "training_model"
 
 CLASS_HEAD_PREFIX = "class_embed."
 # Tensors with a row per class: re-initialised when the checkpoint has another class count
@@ -46,6 +49,7 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         save_dir: str = "",
         *,
         arch: Optional[Dict[str, Any]] = None,
+        ema: Optional[torch.optim.swa_utils.AveragedModel] = None,
         **kwargs: Any,
     ):
         """
@@ -55,9 +59,15 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             arch: :func:`architecture_record` of the config that built ``model``: saved with
                 every checkpoint, and compared with the record of each file loaded. ``None``:
                 nothing saved, nothing compared.
+            ema: the trainer's average of ``model`` (``MODEL_EMA``): saved as ``"model"``,
+                with ``model`` itself under ``"training_model"``. Loading with the
+                checkpointables (``--resume``) restores both from such a file; loading
+                weights only (``MODEL.WEIGHTS``) puts the averaged ones into ``model``.
         """
         super().__init__(model, save_dir, **kwargs)
         self.arch = arch
+        self.ema = ema
+        self._resuming = False  # the checkpointables are being loaded too
         self._cleaned = False  # stale temporary files removed from save_dir
         self._loading = "the checkpoint"  # the path being loaded, named in errors
         self._matching_heuristics = False  # requested by the path being loaded
@@ -80,6 +90,8 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             # any other query (e.g. of a signed URL) stays exactly as written
             rest = [p for p in query.split("&") if p.split("=", 1)[0] != "matching_heuristics"]
             path = base + (f"?{'&'.join(rest)}" if rest else "")
+        checkpointables = kwargs.get("checkpointables", args[0] if args else None)
+        self._resuming = checkpointables is None or len(checkpointables) > 0
         return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
@@ -110,9 +122,17 @@ class DabDetrCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         self._check_arch(checkpoint.get(ARCH_KEY))
+        averaged = None
+        if self.ema is not None and self._resuming and TRAINING_MODEL_KEY in checkpoint:
+            averaged = checkpoint["model"]
+            checkpoint["model"] = checkpoint.pop(TRAINING_MODEL_KEY)
         if not checkpoint.get("matching_heuristics", False):
             self._check_shapes(checkpoint["model"])
-        return super()._load_model(checkpoint)
+        incompatible = super()._load_model(checkpoint)
+        if averaged is not None:
+            self.ema.module.load_state_dict(averaged)
+            self.ema.n_averaged.fill_(1)  # an average already: the next update is no copy
+        return incompatible
 
     def _check_arch(self, recorded: Optional[Dict[str, Any]]) -> None:
         """Raise if the file's architecture record disagrees with the model's config."""
@@ -187,13 +207,20 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         if "://" in self.save_dir:
             if self.arch:
                 kwargs[ARCH_KEY] = self.arch
+            if self.ema is not None:  # fvcore's save lets these replace its own "model"
+                kwargs["model"] = self.ema.module.state_dict()
+                kwargs[TRAINING_MODEL_KEY] = self.model.state_dict()
             return super().save(name, **kwargs)
         if not self._cleaned:
             for pattern in ("*.pth", "last_checkpoint"):
                 for tmp in remove_stale_temporaries(self.save_dir, pattern):
                     self.logger.info(f"Removed {tmp}, left by an interrupted save")
             self._cleaned = True
-        data = {"model": self.model.state_dict()}
+        if self.ema is None:
+            data = {"model": self.model.state_dict()}
+        else:
+            data = {"model": self.ema.module.state_dict(),
+                    TRAINING_MODEL_KEY: self.model.state_dict()}
         if self.arch:
             data[ARCH_KEY] = self.arch
         for key, obj in self.checkpointables.items():

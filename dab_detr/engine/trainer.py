@@ -30,6 +30,7 @@ from ..data import (
     check_num_classes,
     ensure_builtin_dataset,
 )
+from .ema import EMAHook, build_model_ema
 from .hooks import ReplicaCheckHook, RetainingPeriodicCheckpointer, TrainDataHook
 from .launch import ddp_without_device_ids
 from .optimizer import build_optimizer
@@ -52,10 +53,12 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         # DefaultTrainer.__init__ builds its checkpointer just before its hooks; swap it here so
         # that loading, resuming and the periodic checkpoints all go through ours.
+        self.model_ema = build_model_ema(self.cfg, self._trainer.model)
         self.checkpointer = DabDetrCheckpointer(
             self._trainer.model,
             self.cfg.OUTPUT_DIR,
             arch=architecture_record(self.cfg),
+            ema=self.model_ema,
             trainer=weakref.proxy(self),
         )
         ret = super().build_hooks()
@@ -69,7 +72,17 @@ class Trainer(DefaultTrainer):
                     self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD,
                     max_to_keep=keep if keep > 0 else None,
                 )
-        return [ReplicaCheckHook(), TrainDataHook(self._trainer.data_loader)] + ret
+            elif isinstance(hook, hooks.EvalHook) and self.model_ema is not None:
+                ret[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_model_ema)
+        first = [ReplicaCheckHook(), TrainDataHook(self._trainer.data_loader)]
+        if self.model_ema is not None:  # before the checkpointer and the evaluation
+            first.append(EMAHook(self.model_ema))
+        return first + ret
+
+    def _test_model_ema(self):
+        # DefaultTrainer's evaluation function, scoring the averaged weights
+        self._last_eval_results = self.test(self.cfg, self.model_ema.module)
+        return self._last_eval_results
 
     @classmethod
     def build_train_loader(cls, cfg):
