@@ -18,6 +18,7 @@ from dab_detr.layers.position_encoding import box_sine_embedding
 from dab_detr.modeling.transformer.decoder import TransformerDecoder
 
 SHAPES = "quick_schedules/dab_detr_R_18_shapes.yaml"
+DEFORMABLE_SHAPES = "quick_schedules/dab_deformable_detr_R_18_shapes.yaml"
 R50 = "COCO-Detection/dab_detr_R_50_50ep.yaml"
 FIXXY = "COCO-Detection/dab_detr_R_50_DC5_fixxy_50ep.yaml"
 C = 32  # d_model of the stand-alone decoders
@@ -319,3 +320,30 @@ def test_anchor_points_with_modulation_raise():
     cfg = load_cfg(SHAPES, "MODEL.DAB_DETR.QUERY_DIM", "2")
     with pytest.raises(ValueError, match="modulate_hw_attn"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("config", [SHAPES, DEFORMABLE_SHAPES])
+def test_no_encoder_layers_trains_and_detects(config):
+    """ENC_LAYERS 0: the decoder attends to the projected backbone map itself."""
+    torch.manual_seed(0)
+    model = build_model(load_cfg(config, "MODEL.DAB_DETR.ENC_LAYERS", "0",
+                                 "MODEL.DAB_DETR.DEC_LAYERS", "2"))
+    assert len(model.transformer.encoder.layers) == 0
+    batch = _batch([(64, 80), (72, 64)], [2, 3], num_classes=5)
+    losses = model(batch)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    # the backbone learns through the decoder's cross-attention alone
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+    model.eval()
+    with torch.no_grad():
+        results = model(batch)
+    assert [len(r["instances"]) for r in results] == [model.num_select] * 2
+
+
+@pytest.mark.parametrize("key,value", [("ENC_LAYERS", "-1"), ("DEC_LAYERS", "0")])
+def test_impossible_layer_counts_are_refused(key, value):
+    for config in (SHAPES, DEFORMABLE_SHAPES):
+        with pytest.raises(ValueError, match=f"MODEL.DAB_DETR.{key}={value}"):
+            build_model(load_cfg(config, f"MODEL.DAB_DETR.{key}", value))

@@ -21,6 +21,8 @@ def copy_first_parameters(modules: Sequence[nn.Module]) -> None:
         modules: modules of one architecture; each later module's parameters must be among the
             first's (a decoder layer may lack the first layer's optional projection).
     """
+    if len(modules) == 0:  # an empty stack (e.g. no encoder layers)
+        return
     first = dict(modules[0].named_parameters())
     for module in modules[1:]:
         for name, p in module.named_parameters():

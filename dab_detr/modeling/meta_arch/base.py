@@ -27,6 +27,7 @@ from ..matcher import HungarianMatcher
 __all__ = [
     "SetPredictionDetector",
     "build_set_criterion",
+    "check_depths",
     "denoising_from_config",
     "init_heads",
     "resize_padding_mask",
@@ -346,3 +347,13 @@ def denoising_from_config(cfg: CfgNode) -> Optional[Dict[str, Any]]:
         )
     return {"num_groups": dn.NUM_GROUPS, "label_noise": dn.LABEL_NOISE,
             "box_noise": dn.BOX_NOISE}
+
+
+def check_depths(cfg: CfgNode) -> None:
+    """Refuse layer counts the transformers cannot have, naming the keys: any number of
+    encoder layers (0: the decoder attends to the projected backbone map), at least one
+    decoder layer."""
+    d = cfg.MODEL.DAB_DETR
+    for key, value, least in (("ENC_LAYERS", d.ENC_LAYERS, 0), ("DEC_LAYERS", d.DEC_LAYERS, 1)):
+        if not isinstance(value, int) or value < least:
+            raise ValueError(f"MODEL.DAB_DETR.{key}={value!r}; expected an integer >= {least}")

@@ -23,6 +23,7 @@ from ..deformable_transformer import DABDeformableTransformer
 from .base import (
     SetPredictionDetector,
     build_set_criterion,
+    check_depths,
     denoising_from_config,
     init_heads,
     resize_padding_mask,
@@ -252,6 +253,7 @@ def _check_config(cfg, num_backbone_levels: int) -> None:
             f"DAB-Deformable-DETR needs 1 to MODEL.DAB_DETR.DEFORMABLE.NUM_FEATURE_LEVELS "
             f"({levels}) backbone maps"
         )
+    check_depths(cfg)
     if d.ACTIVATION not in ACTIVATIONS:
         raise ValueError(f"MODEL.DAB_DETR.ACTIVATION={d.ACTIVATION!r}; expected one of "
                          f"{sorted(ACTIVATIONS)}")

@@ -21,6 +21,7 @@ from ..transformer import DABTransformer
 from .base import (
     SetPredictionDetector,
     build_set_criterion,
+    check_depths,
     denoising_from_config,
     init_heads,
     resize_padding_mask,
@@ -97,6 +98,7 @@ class DABDETR(SetPredictionDetector):
         in_features = cfg.MODEL.RESNETS.OUT_FEATURES
         if len(in_features) != 1:
             raise ValueError(f"MODEL.RESNETS.OUT_FEATURES={in_features}: DAB-DETR uses one map")
+        check_depths(cfg)
         if d.ACTIVATION not in ACTIVATIONS:
             raise ValueError(f"MODEL.DAB_DETR.ACTIVATION={d.ACTIVATION!r}; expected one of "
                              f"{sorted(ACTIVATIONS)}")
