@@ -3,6 +3,7 @@
 (the killed-run test of test_reliability.py resumes one too)."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -117,3 +118,34 @@ def test_checkpointer_without_an_average_reads_the_average_as_the_model(tmp_path
     DabDetrCheckpointer(model).load(str(tmp_path / "model_final.pth"))
     for k, v in trainer.model_ema.module.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_resume_with_the_average_turned_off_continues_the_trained_model(tmp_path, caplog):
+    _train(tmp_path, "SOLVER.MAX_ITER", "3", "SOLVER.BASE_LR", "1e-3", *EMA)
+    saved = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    resumed = train_net.Trainer(train_net.setup(_args(tmp_path, "SOLVER.MAX_ITER", "5",
+                                                      resume=True)))
+    with caplog.at_level(logging.WARNING):
+        resumed.resume_or_load(resume=True)
+    assert resumed.model_ema is None and resumed.start_iter == 3
+    for k, v in saved[TRAINING_MODEL_KEY].items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    assert "the average is dropped" in caplog.text
+
+
+def test_an_average_turned_on_at_resume_starts_from_the_loaded_weights(tmp_path):
+    _train(tmp_path, "SOLVER.MAX_ITER", "3", "SOLVER.BASE_LR", "1e-3")
+    saved = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    assert TRAINING_MODEL_KEY not in saved
+    resumed = train_net.Trainer(train_net.setup(_args(tmp_path, "SOLVER.MAX_ITER", "3", *EMA,
+                                                      resume=True)))
+    resumed.resume_or_load(resume=True)
+    for k, v in saved["model"].items():
+        torch.testing.assert_close(resumed.model_ema.module.state_dict()[k], v, rtol=0, atol=0,
+                                   msg=k)
+
+
+def test_precise_bn_with_the_average_is_refused():
+    cfg = small_cfg(*EMA, "TEST.PRECISE_BN.ENABLED", "True")
+    with pytest.raises(ValueError, match="TEST.PRECISE_BN.ENABLED"):
+        build_model_ema(cfg, nn.Linear(2, 2))

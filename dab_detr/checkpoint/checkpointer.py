@@ -123,9 +123,19 @@ class DabDetrCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint: Dict[str, Any]):
         self._check_arch(checkpoint.get(ARCH_KEY))
         averaged = None
-        if self.ema is not None and self._resuming and TRAINING_MODEL_KEY in checkpoint:
+        # resuming a trainer (its state is loaded too) from a MODEL_EMA checkpoint: the model
+        # continues from the trained weights, the average (if kept) from "model"
+        resuming = self._resuming and bool(self.checkpointables)
+        if resuming and TRAINING_MODEL_KEY in checkpoint:
             averaged = checkpoint["model"]
             checkpoint["model"] = checkpoint.pop(TRAINING_MODEL_KEY)
+            if self.ema is None:
+                self.logger.warning(
+                    f"{self._loading} holds a moving average of the weights (MODEL_EMA), "
+                    "but MODEL_EMA.ENABLED is False: training continues from the trained "
+                    "weights and the average is dropped"
+                )
+                averaged = None
         if not checkpoint.get("matching_heuristics", False):
             self._check_shapes(checkpoint["model"])
         incompatible = super()._load_model(checkpoint)

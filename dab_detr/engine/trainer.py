@@ -9,6 +9,8 @@
   (:class:`~dab_detr.checkpoint.DabDetrCheckpointer`), which also keeps the optimizer's state
   with Detectron2 v0.6;
 - the NaN stop: a non-finite loss stops training with the last checkpoint named;
+- with ``MODEL_EMA``, a moving average of the weights that evaluations score and checkpoints
+  save as the model (:mod:`dab_detr.engine.ema`);
 - multi-worker runs on CPU (gloo, :mod:`dab_detr.engine.launch`), a check that every worker
   holds the same model, and periodic checkpoints that keep the newest
   ``SOLVER.CHECKPOINTS_TO_KEEP``.
@@ -30,7 +32,7 @@ from ..data import (
     check_num_classes,
     ensure_builtin_dataset,
 )
-from .ema import EMAHook, build_model_ema
+from .ema import EMAHook, build_model_ema, unwrap
 from .hooks import ReplicaCheckHook, RetainingPeriodicCheckpointer, TrainDataHook
 from .launch import ddp_without_device_ids
 from .optimizer import build_optimizer
@@ -91,6 +93,10 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
+        if self.model_ema is not None and int(self.model_ema.n_averaged) == 0:
+            # no average in the file: start it from the weights just loaded, not from the
+            # initialisation it was copied from (what a finished run's last evaluation scores)
+            self.model_ema.module.load_state_dict(unwrap(self._trainer.model).state_dict())
         # the data order and augmentations continue from the checkpoint's iteration (and its
         # seed, restored with the TrainDataHook's state), not from the start of the stream
         self._trainer.data_loader.batch_sampler.start_iter = self.start_iter

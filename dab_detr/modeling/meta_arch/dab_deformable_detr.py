@@ -275,6 +275,9 @@ def _check_config(cfg, num_backbone_levels: int) -> None:
     if d.DEFORMABLE.TWO_STAGE and (d.RANDOM_REFPOINTS_XY or d.NUM_PATTERNS or d.DN.ENABLED):
         wrong.append("MODEL.DAB_DETR.RANDOM_REFPOINTS_XY / NUM_PATTERNS / DN.ENABLED with "
                      "MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE (the encoder gives the anchors)")
+    if d.ENC_LAYERS == 0:
+        wrong.append("MODEL.DAB_DETR.ENC_LAYERS=0 (needs >= 1: the level embeddings enter the "
+                     "positions only the encoder reads)")
     if d.DN.ENABLED and d.NUM_PATTERNS:
         wrong.append("MODEL.DAB_DETR.NUM_PATTERNS with MODEL.DAB_DETR.DN.ENABLED (as in DN-DETR)")
     if wrong:

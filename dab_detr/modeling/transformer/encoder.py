@@ -51,7 +51,8 @@ class TransformerEncoder(nn.Module):
     def __init__(self, layers: nn.ModuleList, d_model: int):
         super().__init__()
         self.layers = layers
-        self.query_scale = MLP(d_model, d_model, d_model, 2)
+        # without layers (ENC_LAYERS 0) there is nothing to scale: no parameters left unused
+        self.query_scale = MLP(d_model, d_model, d_model, 2) if len(layers) else None
 
     def forward(
         self, src: torch.Tensor, pos: torch.Tensor, attn_mask: Optional[torch.Tensor]
