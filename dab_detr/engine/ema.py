@@ -4,10 +4,9 @@ With ``MODEL_EMA.ENABLED``, train_net keeps ``w_ema <- DECAY * w_ema + (1 - DECA
 every parameter and floating-point buffer (batch-norm statistics included) after each
 iteration, with torch's :class:`~torch.optim.swa_utils.AveragedModel`. The key names are
 d2go's ``MODEL_EMA`` (the checkpoint layout below is this project's own); detrex's DINO
-configs train with such an average too. Checkpoints hold
-the weights twice. The first update copies the model; there is no warm-up of the decay, so
-in runs much shorter than ``1 / (1 - DECAY)`` iterations the average still holds much of
-the initialisation.
+configs train with such an average too. Checkpoints hold the weights twice. The first update
+copies the model; there is no warm-up of the decay, so in runs much shorter than
+``1 / (1 - DECAY)`` iterations the average still holds much of the initialisation.
 
 - Evaluations during and after training score the averaged model.
 - A checkpoint's ``"model"`` holds the averaged weights, so ``--eval-only``, the demo, the
@@ -48,7 +47,7 @@ def build_model_ema(cfg, model: nn.Module) -> Optional[AveragedModel]:
     """The averaged copy of ``model`` that ``cfg.MODEL_EMA`` asks for, or ``None``.
 
     Raises:
-        ValueError: ``MODEL_EMA.DECAY`` is not in [0, 1).
+        ValueError: ``MODEL_EMA.DECAY`` is not in [0, 1), or ``TEST.PRECISE_BN`` is on too.
     """
     if not cfg.MODEL_EMA.ENABLED:
         return None
