@@ -150,7 +150,9 @@ def test_box_heads_that_would_get_no_gradient_are_refused(iter_update):
 
 
 def test_fused_adamw_makes_the_update_of_the_loop():
-    cfg = load_cfg("quick_schedules/dab_detr_R_18_shapes.yaml")
+    # the shapes config trains unclipped; clipping on, the comparison covers it too
+    cfg = load_cfg("quick_schedules/dab_detr_R_18_shapes.yaml",
+                   "SOLVER.CLIP_GRADIENTS.ENABLED", "True")
     model = build_model(cfg)
     fused = build_optimizer(cfg, model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -174,3 +176,26 @@ def test_fused_adamw_makes_the_update_of_the_loop():
         torch.testing.assert_close(p.detach(), after_fused[n], rtol=0, atol=1e-6, msg=n)
         moved += int(not torch.equal(p.detach(), state[n]))
     assert moved > 100  # the steps did update the weights
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_full_model_clipping_switch(enabled):
+    """CLIP_GRADIENTS.ENABLED: the norm of all gradients together is at most CLIP_VALUE when
+    the optimizer steps; off, the gradients reach AdamW as computed."""
+    cfg = load_cfg("quick_schedules/dab_detr_R_18_shapes.yaml",
+                   "SOLVER.CLIP_GRADIENTS.ENABLED", str(enabled),
+                   "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.1")
+    model = build_model(cfg).train()
+    optimizer = build_optimizer(cfg, model)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert (type(optimizer) is torch.optim.AdamW) is not enabled
+    sum(model(_batch(cfg.MODEL.DAB_DETR.NUM_CLASSES)).values()).backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    assert norm > 1.0  # from scratch the norm is far above the clipping value
+    optimizer.step()
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    if enabled:
+        torch.testing.assert_close(after, torch.tensor(0.1), rtol=1e-4, atol=0)
+    else:
+        assert torch.equal(after, norm)
