@@ -102,6 +102,18 @@ def test_eval_only_reproduces_training_evaluation(tmp_path):
     assert (out / "inference" / "coco_instances_results.json").read_text() == predictions
 
 
+def test_drawing_detections_leaves_training_unchanged(tmp_path):
+    """TEST.VIS_NUM_IMAGES draws after every evaluation; the drawing must not take random
+    numbers that training (here: the denoising noise) would otherwise have drawn."""
+    opts = ("MODEL.DAB_DETR.DN.ENABLED", "True", "SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "2")
+    plain = _train(tmp_path / "plain", *opts, "TEST.VIS_NUM_IMAGES", "0")
+    drawn = _train(tmp_path / "drawn", *opts, "TEST.VIS_NUM_IMAGES", "2")
+    assert (tmp_path / "drawn" / "inference" / "dab_shapes_val_detections.png").is_file()
+    after_plain, after_drawn = plain.model.state_dict(), drawn.model.state_dict()
+    for name, value in after_plain.items():
+        torch.testing.assert_close(after_drawn[name], value, rtol=0, atol=0, msg=name)
+
+
 @pytest.fixture
 def coco_json_dataset(tmp_path):
     """A COCO-format dataset on disk, as a user brings one (5 categories)."""

@@ -3,6 +3,7 @@ picture of the detections on a dataset's first images (train_net draws one after
 
 import logging
 import os
+import random
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -60,6 +61,11 @@ def draw_detections(
     test loader of ``dataset_name``), scored above ``cfg.TEST.VIS_SCORE_THRESHOLD``, with
     Detectron2's ``Visualizer`` into one PNG grid at ``path``.
 
+    The random state of torch (CPU), numpy and ``random`` is what it was before: starting the
+    loader draws a seed from torch's generator and ``Visualizer`` draws colours from numpy's,
+    so without that a training run that draws after each evaluation would train on other
+    random numbers (denoising noise, for one) than the same run without the picture.
+
     Returns:
         ``path``.
     """
@@ -67,8 +73,9 @@ def draw_detections(
     panels = []
     training = model.training
     model.eval()
+    np_state, py_state = np.random.get_state(), random.getstate()
     try:
-        with torch.no_grad():
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
             for inputs in loader:
                 for inp, out in zip(inputs, model(inputs)):
                     instances = out["instances"].to("cpu")
@@ -80,6 +87,8 @@ def draw_detections(
                     break
     finally:
         model.train(training)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
     panels = panels[: cfg.TEST.VIS_NUM_IMAGES]
     if not panels:
         logger.warning(f"{dataset_name} has no image to draw detections on")
