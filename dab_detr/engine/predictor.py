@@ -3,7 +3,6 @@ picture of the detections on a dataset's first images (train_net draws one after
 
 import logging
 import os
-import random
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -18,6 +17,7 @@ from PIL import Image
 from ..checkpoint import DabDetrCheckpointer, architecture_record
 from ..config import get_dab_detr_cfg
 from ..data.images import read_image
+from .seeding import python_random_state_kept
 
 __all__ = ["build_predictor", "draw_detections", "setup_cfg"]
 
@@ -73,9 +73,8 @@ def draw_detections(
     panels = []
     training = model.training
     model.eval()
-    np_state, py_state = np.random.get_state(), random.getstate()
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(devices=[]), python_random_state_kept(), torch.no_grad():
             for inputs in loader:
                 for inp, out in zip(inputs, model(inputs)):
                     instances = out["instances"].to("cpu")
@@ -87,8 +86,6 @@ def draw_detections(
                     break
     finally:
         model.train(training)
-        np.random.set_state(np_state)
-        random.setstate(py_state)
     panels = panels[: cfg.TEST.VIS_NUM_IMAGES]
     if not panels:
         logger.warning(f"{dataset_name} has no image to draw detections on")

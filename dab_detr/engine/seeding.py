@@ -17,7 +17,7 @@ from detectron2.data import DatasetFromList
 
 from .sampler import SampleSeed
 
-__all__ = ["SKIPPED_KEY", "SeededMapDataset"]
+__all__ = ["SKIPPED_KEY", "SeededMapDataset", "python_random_state_kept"]
 
 # Set by the dataset on a mapped sample that replaced unreadable images; TrainLoader removes it.
 SKIPPED_KEY = "_dab_detr_skipped_files"
@@ -26,17 +26,25 @@ _MAX_CONSECUTIVE_SKIPS = 100
 
 
 @contextlib.contextmanager
-def _seeded_random(seed: SampleSeed) -> Iterator[None]:
-    """Seed ``np.random`` and ``random`` (Detectron2's augmentations draw from them) for one
-    sample, and give the caller back its own random state afterwards."""
+def python_random_state_kept() -> Iterator[None]:
+    """Give ``np.random`` and ``random`` back the state they had on entering (torch's own
+    generators: ``torch.random.fork_rng``)."""
     np_state, py_state = np.random.get_state(), random.getstate()
-    np.random.seed(list(seed))
-    random.seed(repr(seed))  # a str seed is hashed with SHA-512: the same in every process
     try:
         yield
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
+
+
+@contextlib.contextmanager
+def _seeded_random(seed: SampleSeed) -> Iterator[None]:
+    """Seed ``np.random`` and ``random`` (Detectron2's augmentations draw from them) for one
+    sample, and give the caller back its own random state afterwards."""
+    with python_random_state_kept():
+        np.random.seed(list(seed))
+        random.seed(repr(seed))  # a str seed is hashed with SHA-512: the same in every process
+        yield
 
 
 class SeededMapDataset(torchdata.Dataset):
