@@ -15,12 +15,17 @@ schedule in passes over it (``dab_detr/engine/schedule.py``).
 ``--resume`` continues a run exactly: the optimizer, the scheduler and the data order and
 augmentations (``dab_detr/engine/``) carry on from the last checkpoint, so a run killed and
 resumed trains like one never stopped.
+
+A mistake in the inputs (a misspelled config key, a config file, dataset or weights file that
+does not exist) stops with one line saying what to do; ``--debug`` (or ``DAB_DETR_DEBUG=1``)
+shows the traceback instead.
 """
 
 import dab_detr  # noqa: F401  (first: prepares Detectron2's import, registers DABDETR)
 
 # isort: split
 import logging
+import os
 
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
@@ -28,18 +33,47 @@ from detectron2.utils.logger import setup_logger
 
 from dab_detr.checkpoint import DabDetrCheckpointer, architecture_record
 from dab_detr.config import get_dab_detr_cfg
-from dab_detr.data import check_num_classes, register_builtin_datasets, register_coco_datasets
+from dab_detr.data import (
+    check_datasets,
+    check_num_classes,
+    register_builtin_datasets,
+    register_coco_datasets,
+)
 from dab_detr.engine import Trainer, apply_epoch_schedule, launch
+from dab_detr.utils.user_errors import (
+    InputFileNotFoundError,
+    InputValueError,
+    report_user_errors,
+)
 
 logger = logging.getLogger("dab_detr")
 
 
-def setup(args):
+def load_config(args):
+    """The run's config, with its datasets registered and checked: what can be wrong in the
+    inputs is found here, before a model or a worker process is started."""
     cfg = get_dab_detr_cfg(args.config_file, args.opts)
     register_builtin_datasets()
     register_coco_datasets(cfg.DATASETS.REGISTER_COCO)
+    if not args.eval_only:
+        check_datasets("DATASETS.TRAIN", cfg.DATASETS.TRAIN)
+    check_datasets("DATASETS.TEST", cfg.DATASETS.TEST)
     # fail before building anything when the classes are already known (built-in datasets)
     check_num_classes(cfg.MODEL.DAB_DETR.NUM_CLASSES, cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+    weights = cfg.MODEL.WEIGHTS
+    resumable = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if weights and "://" not in weights and not os.path.exists(weights) and not resumable:
+        raise InputFileNotFoundError(f"MODEL.WEIGHTS: weights file {weights} does not exist")
+    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+        raise InputValueError(
+            f"SOLVER.AMP.ENABLED needs a CUDA device (Detectron2's AMPTrainer), but "
+            f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}"
+        )
+    return cfg
+
+
+def setup(args):
+    cfg = load_config(args)
     # before default_setup, which writes the config to OUTPUT_DIR/config.yaml
     schedule = None if args.eval_only else apply_epoch_schedule(cfg)
     cfg.freeze()
@@ -48,11 +82,6 @@ def setup(args):
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dab_detr")
     if schedule:
         logger.info(schedule)
-    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
-        raise ValueError(
-            f"SOLVER.AMP.ENABLED needs a CUDA device (Detectron2's AMPTrainer), but "
-            f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}"
-        )
     return cfg
 
 
@@ -90,16 +119,22 @@ def where_the_results_are(cfg) -> str:
 
 
 def cli(argv=None):
-    """``python train_net.py [argv]``: parse the arguments, start the workers."""
-    args = default_argument_parser().parse_args(argv)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    """``python train_net.py [argv]``: parse the arguments, check the inputs, start the
+    workers."""
+    parser = default_argument_parser()
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error in the inputs (or DAB_DETR_DEBUG=1)")
+    args = parser.parse_args(argv)
+    with report_user_errors("train_net.py", debug=args.debug):
+        load_config(args)  # in this process: a bad input stops here, not in every worker
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
 
 
 if __name__ == "__main__":

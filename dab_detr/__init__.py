@@ -10,6 +10,7 @@ import without Detectron2; ``modeling.meta_arch``, ``config``, ``data``, ``engin
 import importlib.util
 
 from ._compat import apply as _apply_compat
+from ._compat import quiet_dependency_imports as _quiet_dependency_imports
 
 __all__ = ["DABDETR", "DABDeformableDETR", "add_dab_detr_config", "get_dab_detr_cfg"]
 __version__ = "0.1.0"
@@ -24,8 +25,9 @@ def _detectron2_installed() -> bool:
 
 if _detectron2_installed():
     _apply_compat()  # must run before the first import of detectron2
-    from .config import add_dab_detr_config, get_dab_detr_cfg
-    from .modeling.meta_arch import DABDETR, DABDeformableDETR  # import registers them
+    with _quiet_dependency_imports():  # the first import of Detectron2 and fvcore
+        from .config import add_dab_detr_config, get_dab_detr_cfg
+        from .modeling.meta_arch import DABDETR, DABDeformableDETR  # import registers them
 else:
 
     def __getattr__(name: str):
@@ -33,6 +35,6 @@ else:
         if name in __all__:
             raise ImportError(
                 f"dab_detr.{name} needs Detectron2, which is not installed (see README.md, "
-                "'How Detectron2 gets installed')"
+                "'Installation')"
             )
         raise AttributeError(f"module 'dab_detr' has no attribute {name!r}")

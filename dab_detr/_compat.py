@@ -6,13 +6,16 @@ when the environment does not need it: an official Detectron2 built from source,
 Pillow that still has ``Image.LINEAR``, is left untouched.
 """
 
+import contextlib
 import importlib.util
 import sys
 import types
+import warnings
+from collections.abc import Iterator
 
 from PIL import Image
 
-__all__ = ["HAS_D2_EXTENSION", "apply"]
+__all__ = ["HAS_D2_EXTENSION", "apply", "quiet_dependency_imports"]
 
 HAS_D2_EXTENSION = True
 
@@ -71,3 +74,18 @@ def apply() -> None:
     """Apply every shim; safe to call more than once."""
     _patch_pillow()
     _install_extension_stand_in()
+
+
+@contextlib.contextmanager
+def quiet_dependency_imports() -> Iterator[None]:
+    """Hide, while Detectron2 and fvcore are first imported, the warnings they cause and a
+    user cannot act on: torch >= 2.10 deprecates ``torch.jit.script``, which fvcore's focal
+    loss and Detectron2's box regression call at import time. The filter is narrow (this
+    message, raised by torch's ``torch.jit._script``) and lasts for the imports only: a
+    user's own ``torch.jit.script`` still warns."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
+            module=r"torch\.jit\._script",
+        )
+        yield

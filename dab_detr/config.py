@@ -4,9 +4,13 @@ Defaults are the paper's R50 model (Liu et al., "DAB-DETR: Dynamic Anchor Boxes 
 Queries for DETR", ICLR 2022, arXiv 2201.12329) as released in IDEA-Research/DAB-DETR.
 """
 
+import os
+import re
 from typing import List, Optional
 
 from detectron2.config import CfgNode as CN
+
+from .utils.user_errors import InputFileNotFoundError, InputValueError, UnknownKeyError, closest
 
 __all__ = ["add_dab_detr_config", "get_dab_detr_cfg"]
 
@@ -145,12 +149,65 @@ def add_dab_detr_config(cfg: CN) -> None:
 
 def get_dab_detr_cfg(config_file: str = "", opts: Optional[List[str]] = None) -> CN:
     """Detectron2's default config with DAB-DETR's keys, merged with ``config_file`` and
-    ``opts`` (``["KEY", "VALUE", ...]``)."""
+    ``opts`` (``["KEY", "VALUE", ...]``).
+
+    Raises:
+        InputFileNotFoundError: ``config_file`` (or a ``_BASE_`` it names) does not exist.
+        UnknownKeyError: a key of the file or of ``opts`` does not exist; the message names
+            the nearest existing keys.
+        InputValueError: the file is not YAML, or a value has the wrong type, or ``opts`` is
+            not a list of pairs.
+    """
+    import yaml
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
     add_dab_detr_config(cfg)
     if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts or []))
+        if not os.path.isfile(config_file):
+            raise InputFileNotFoundError(f"config file {config_file} does not exist")
+        try:
+            cfg.merge_from_file(config_file)
+        except FileNotFoundError as e:  # a _BASE_ it names
+            raise InputFileNotFoundError(
+                f"{config_file}: the file it names as _BASE_, {e.filename}, does not exist"
+            ) from None
+        except yaml.YAMLError as e:
+            first = " ".join(str(e).split())
+            raise InputValueError(f"{config_file} is not valid YAML: {first}") from None
+        except (KeyError, AssertionError, ValueError) as e:
+            raise _config_error(cfg, e, f"config file {config_file}") from None
+    try:
+        cfg.merge_from_list(list(opts or []))
+    except (KeyError, AssertionError, ValueError) as e:
+        raise _config_error(cfg, e, "the command line") from None
     return cfg
+
+
+# yacs' words for a key it does not have: "Non-existent key: A.B" (merge_from_list, as an
+# AssertionError) and "Non-existent config key: A.B" (merge_from_file, as a KeyError)
+_UNKNOWN_KEY = re.compile(r"Non-existent (?:config )?key: (\S+)")
+
+
+def _config_error(cfg: CN, error: Exception, source: str) -> Exception:
+    """yacs' error from merging ``source`` into ``cfg``, as a user error that says what to do."""
+    message = str(error.args[0]) if error.args else str(error)
+    unknown = _UNKNOWN_KEY.search(message)
+    if unknown is None:
+        return InputValueError(f"{source}: {message}")
+    key = unknown.group(1)
+    near = closest(key, _all_keys(cfg))
+    hint = (f"; did you mean {' or '.join(near)}?" if near
+            else " (DAB-DETR's keys are listed in dab_detr/config.py)")
+    return UnknownKeyError(f"{source}: {key} is not a config key{hint}")
+
+
+def _all_keys(node: CN, prefix: str = "") -> List[str]:
+    """Every leaf key of ``node``, dotted (``MODEL.DAB_DETR.NUM_QUERIES``)."""
+    keys = []
+    for name, value in node.items():
+        if isinstance(value, CN):
+            keys += _all_keys(value, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys

@@ -5,6 +5,7 @@ Usage::
     python -m dab_detr.convert --source official DAB_DETR_R50.pth dab_detr_R_50.pth
     python -m dab_detr.convert --source transformers dab-detr-resnet-50/ out.pth
     python -m dab_detr.convert --source torchvision resnet50-0676ba61.pth R-50.pth
+    python -m dab_detr.convert --source detrex --config-file CONFIG dab_detr_r50_50ep.pth out.pth
     # with --config-file the result is checked against the model that config builds
     # (and anchors are laid out for RANDOM_REFPOINTS_XY models)
 
@@ -14,6 +15,8 @@ Sources:
                 or written by the ``main.py`` of either.
   transformers  ``DabDetrForObjectDetection`` weights: a directory, ``.safetensors`` or ``.bin``.
   torchvision   an ImageNet ResNet state dict, for ``MODEL.WEIGHTS`` when training on COCO.
+  detrex        ``{"model": state_dict, ...}`` checkpoints of IDEA-Research/detrex: DAB-DETR
+                (R50, R50-DC5), DN-DETR and one-stage DAB-Deformable-DETR.
 
 The output is ``{"model": state_dict, "__author__": ...}`` for ``DetectionCheckpointer``, with
 ``--config-file`` also ``"dab_detr_arch"``: the config's architecture record, which
@@ -31,6 +34,7 @@ import torch
 
 from .checkpoint import ARCH_KEY, CONVERTERS, architecture_record, convert
 from .config import get_dab_detr_cfg
+from .utils.user_errors import debug_requested, report_user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--config-file", default="", help="check against (and lay out for) it")
     parser.add_argument("input", help="checkpoint file, or a transformers model directory")
     parser.add_argument("output", help="Detectron2 checkpoint to write (.pth)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error in the inputs (or DAB_DETR_DEBUG=1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = None
@@ -57,4 +63,5 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors("python -m dab_detr.convert", debug=debug_requested()):
+        main()

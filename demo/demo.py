@@ -34,6 +34,11 @@ from PIL import Image
 from dab_detr.data import register_builtin_datasets
 from dab_detr.data.images import read_image
 from dab_detr.engine.predictor import build_predictor, setup_cfg
+from dab_detr.utils.user_errors import (
+    InputFileNotFoundError,
+    debug_requested,
+    report_user_errors,
+)
 
 logger = logging.getLogger("dab_detr.demo")
 
@@ -53,6 +58,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="also write the detections of every image to this JSON file")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS m.pth")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error in the inputs (or DAB_DETR_DEBUG=1)")
     return parser
 
 
@@ -70,7 +77,7 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
         else:
             found = [item]
         if not found:
-            raise FileNotFoundError(f"--input {item!r} matches no image")
+            raise InputFileNotFoundError(f"--input {item!r} matches no image")
         paths += [p for p in found if p not in paths]
     return paths
 
@@ -143,4 +150,5 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors("demo/demo.py", debug=debug_requested()):
+        main()

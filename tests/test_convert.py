@@ -428,4 +428,5 @@ def test_cli_help():
     result = subprocess.run([sys.executable, "-m", "dab_detr.convert", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "--source" in result.stdout and "{official,torchvision,transformers}" in result.stdout
+    assert "--source" in result.stdout
+    assert "{detrex,official,torchvision,transformers}" in result.stdout

@@ -17,8 +17,8 @@ time, each with 1/N of the CPU cores (``OMP_NUM_THREADS``). Resume-friendly: a f
 ``study_run.json`` written) is skipped, an interrupted one continues from its last
 checkpoint with ``--resume``. Finally writes ``convergence.png`` (AP and loss against
 iteration, all variants) and ``convergence.md`` (final AP, AP50, AP75 of each variant, and
-its mean training loss over the last tenth of the run); ``--readme README.md`` also puts that
-table between the README's ``<!-- convergence-table -->`` and ``<!-- /convergence-table -->``
+its mean training loss over the last tenth of the run); ``--readme docs/studies.md`` also puts
+that table between the page's ``<!-- convergence-table -->`` and ``<!-- /convergence-table -->``
 lines.
 """
 

@@ -7,12 +7,13 @@ from .checkpointer import CLASS_HEAD_PREFIX, TRAINING_MODEL_KEY, DabDetrCheckpoi
 from .conversion import (
     CONVERTERS,
     check_against_config,
-    coco_class_rows,
     convert,
     convert_official,
     convert_torchvision,
     convert_transformers,
 )
+from .detrex import convert_detrex
+from .renaming import coco_class_rows
 from .safe_load import UnsafeCheckpointError, load_restricted_pickle, load_state_dict_file
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "check_against_config",
     "coco_class_rows",
     "convert",
+    "convert_detrex",
     "convert_official",
     "convert_torchvision",
     "convert_transformers",

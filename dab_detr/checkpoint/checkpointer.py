@@ -26,6 +26,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..utils.file_io import atomic_write, remove_stale_temporaries
+from ..utils.user_errors import InputFileNotFoundError, InputValueError
 from .arch_record import ARCH_KEY, plain
 from .conversion import convert_torchvision
 from .safe_load import load_restricted_pickle, load_state_dict_file
@@ -83,13 +84,23 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         value = parse_qs(query).get("matching_heuristics")
         if value is not None:
             if value not in (["True"], ["False"]):
-                raise ValueError(
+                raise InputValueError(
                     f"{self._loading}: matching_heuristics must be True or False, got {value}"
                 )
             self._matching_heuristics = value == ["True"]
             # any other query (e.g. of a signed URL) stays exactly as written
             rest = [p for p in query.split("&") if p.split("=", 1)[0] != "matching_heuristics"]
             path = base + (f"?{'&'.join(rest)}" if rest else "")
+        if path and "://" not in path and not os.path.isfile(path):
+            if os.path.isdir(path):
+                raise InputValueError(
+                    f"weights {path} is a folder: give a weights file (a transformers model "
+                    "folder is converted first: python -m dab_detr.convert --source "
+                    "transformers --config-file CONFIG FOLDER OUT.pth)"
+                )
+            raise InputFileNotFoundError(
+                f"weights file {path} does not exist (MODEL.WEIGHTS takes a file or a URL)"
+            )
         checkpointables = kwargs.get("checkpointables", args[0] if args else None)
         self._resuming = checkpointables is None or len(checkpointables) > 0
         return super().load(path, *args, **kwargs)
@@ -98,7 +109,7 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         if filename.endswith(".pkl"):
             data = load_restricted_pickle(filename)
             if not isinstance(data, dict):
-                raise ValueError(f"{filename}: expected a dict, got {type(data).__name__}")
+                raise InputValueError(f"{filename}: expected a dict, got {type(data).__name__}")
             if "model" in data and "__author__" in data:  # Detectron2 model-zoo format
                 self.logger.info("Reading a file from '{}'".format(data["__author__"]))
                 return data
@@ -114,7 +125,7 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             try:
                 return {"model": convert_torchvision(weights), "__author__": "torchvision"}
             except ValueError as e:
-                raise ValueError(f"{filename}: {e}") from None
+                raise InputValueError(f"{filename}: {e}") from None
         loaded = loaded if "model" in loaded else {"model": loaded}
         if self._matching_heuristics:
             loaded["matching_heuristics"] = True
@@ -159,7 +170,7 @@ class DabDetrCheckpointer(DetectionCheckpointer):
                 f"{k} is {a!r} in the file, {b!r} in the config"
                 for k, (a, b) in sorted(wrong.items())
             )
-            raise ValueError(
+            raise InputValueError(
                 f"{source} was saved from a model of another architecture ({listed}). Its "
                 "tensors have the same shapes, but the model would compute something else: use "
                 "the config it was trained or converted with (e.g. a DC5 checkpoint needs a "
@@ -178,7 +189,7 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         }
         source = self._loading
         if "label_enc.weight" in weights and "label_enc.weight" not in expected:
-            raise ValueError(
+            raise InputValueError(
                 f"{source} is a DN-DETR checkpoint (it has label_enc.weight: the content queries "
                 "come from a label embedding), but the config builds a model without it: set "
                 "MODEL.DAB_DETR.DN.ENABLED True (the dn_* configs do)."
@@ -189,7 +200,7 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             listed = "; ".join(
                 f"{k}: {a} in the file, {b} in the model" for k, (a, b) in other.items()
             )
-            raise ValueError(
+            raise InputValueError(
                 f"{source} does not fit the model built from the config ({listed}). Only the "
                 "class head (and label_enc) may differ (then re-initialised); check MODEL.DAB_DETR "
                 "(NUM_QUERIES, NUM_PATTERNS, HIDDEN_DIM, ...) and MODEL.RESNETS against the "

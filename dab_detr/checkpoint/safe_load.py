@@ -13,15 +13,18 @@ import importlib
 import io
 import os
 import pickle
+import zipfile
 from typing import Any, ContextManager, Dict
 
 import numpy as np
 import torch
 
+from ..utils.user_errors import InputFileNotFoundError, InputValueError
+
 __all__ = ["load_state_dict_file", "load_restricted_pickle", "UnsafeCheckpointError"]
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(InputValueError):
     """The file would need arbitrary unpickling (code execution) to load."""
 
 
@@ -88,19 +91,33 @@ def load_restricted_pickle(path: str) -> Any:
         raise UnsafeCheckpointError(f"{path}: {e}") from None
     except pickle.UnpicklingError as e:
         # e.g. protocol 5 data written out-of-band: it is not in the file
-        raise ValueError(f"{path}: not a readable weight pickle ({e})") from None
+        raise InputValueError(f"{path}: not a readable weight pickle ({e})") from None
 
 
 def _resolve(path: str) -> str:
     """A transformers model directory -> its weight file."""
     if not os.path.isdir(path):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no such checkpoint: {path}")
+            raise InputFileNotFoundError(f"no such checkpoint: {path}")
         return path
     for name in ("model.safetensors", "pytorch_model.bin"):
         if os.path.exists(os.path.join(path, name)):
             return os.path.join(path, name)
-    raise FileNotFoundError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+    raise InputFileNotFoundError(
+        f"{path} has neither model.safetensors nor pytorch_model.bin"
+    )
+
+
+def _check_torch_file(path: str) -> None:
+    """Refuse, naming the file, what is neither of torch's formats: a zip archive (torch >=
+    1.6) or a legacy pickle (protocol 2, whose first byte is 0x80)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        raise InputValueError(
+            f"{path} is not a weight file: neither a torch checkpoint (.pth/.bin), a "
+            "safetensors file nor a Detectron2 .pkl"
+        )
 
 
 def _torch_safe_globals() -> ContextManager:
@@ -125,15 +142,22 @@ def load_state_dict_file(path: str) -> Dict[str, Any]:
     """
     path = _resolve(path)
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as e:
+            raise InputValueError(f"{path}: not a readable safetensors file ({e})") from None
     if path.endswith(".pkl"):
         data = load_restricted_pickle(path)
         model = data.get("model", data) if isinstance(data, dict) else data
         if not isinstance(model, dict):
-            raise ValueError(f"{path}: expected a dict of arrays, got {type(model).__name__}")
+            raise InputValueError(
+                f"{path}: expected a dict of arrays, got {type(model).__name__}"
+            )
         return {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in model.items()}
+    _check_torch_file(path)
     try:
         with _torch_safe_globals():
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -141,4 +165,9 @@ def load_state_dict_file(path: str) -> Dict[str, Any]:
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it needs objects other than tensors and plain containers "
             f"(torch weights-only loader: {str(e).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as e:  # a truncated or corrupt file
+        raise InputValueError(
+            f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
         ) from None

@@ -12,7 +12,7 @@ from .builtin import (
     generate_shapes_dataset,
     register_builtin_datasets,
 )
-from .coco import check_num_classes, register_coco_datasets
+from .coco import check_datasets, check_num_classes, register_coco_datasets
 from .dataset_mapper import DabDetrDatasetMapper
 from .images import UnreadableImageError, read_image
 from .train_dicts import load_train_dicts
@@ -24,6 +24,7 @@ __all__ = [
     "DabDetrDatasetMapper",
     "UnreadableImageError",
     "check_annotations",
+    "check_datasets",
     "default_datasets_root",
     "check_num_classes",
     "ensure_builtin_dataset",

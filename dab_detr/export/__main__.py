@@ -41,6 +41,7 @@ from detectron2.utils.env import seed_all_rng
 
 from ..checkpoint import DabDetrCheckpointer, architecture_record
 from ..config import get_dab_detr_cfg
+from ..utils.user_errors import debug_requested, report_user_errors
 from .check import check_onnx
 from .exporter import check_exportable, export_onnx
 from .wrapper import ExportError
@@ -70,6 +71,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--box-tolerance", type=float, default=1e-3, help="in pixels")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="KEY VALUE pairs overriding the config (MODEL.WEIGHTS ...)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error in the inputs (or DAB_DETR_DEBUG=1)")
     return parser.parse_args(argv)
 
 
@@ -111,4 +114,5 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors("python -m dab_detr.export", debug=debug_requested()):
+        main()

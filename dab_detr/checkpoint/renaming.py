@@ -1,0 +1,100 @@
+"""What every converter of released weights shares (``conversion.py`` for the official code,
+transformers and torchvision; ``detrex.py`` for detrex): renaming by regular expressions, a
+torchvision ResNet's names in Detectron2's, and the rows of a class head.
+
+Shapes: K classes, C channels.
+"""
+
+import re
+from typing import Callable, Dict, List, Tuple, Union
+
+import torch
+
+from ..utils.user_errors import InputValueError
+
+__all__ = [
+    "Rule", "StateDict", "coco_class_rows", "convert_resnet", "map_class_head", "rename",
+    "require",
+]
+
+StateDict = Dict[str, torch.Tensor]
+# (pattern, replacement) for re.sub: a template string or a function of the match
+Rule = Tuple[str, Union[str, Callable[["re.Match[str]"], str]]]
+
+# torchvision ResNet names -> Detectron2 ResNet names
+_RESNET_RULES: List[Rule] = [
+    (r"^conv1\.", "stem.conv1."),
+    (r"^bn1\.", "stem.conv1.norm."),
+    (r"^layer(\d)\.(\d+)\.downsample\.0\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut."),
+    (r"^layer(\d)\.(\d+)\.downsample\.1\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut.norm."),
+    (r"^layer(\d)\.(\d+)\.conv(\d)\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}."),
+    (r"^layer(\d)\.(\d+)\.bn(\d)\.", lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm."),
+]
+
+
+def rename(name: str, rules: List[Rule]) -> str:
+    """``name`` with every rule applied in turn (``re.sub``)."""
+    for pattern, repl in rules:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def convert_resnet(sd: StateDict, prefix: str) -> StateDict:
+    """Backbone tensors under ``prefix`` (torchvision names) -> ``backbone.*`` (Detectron2)."""
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith(prefix) or k.endswith("num_batches_tracked"):
+            continue
+        name = k[len(prefix) :]
+        if name.startswith("fc."):
+            continue  # ImageNet classifier
+        new = rename(name, _RESNET_RULES)
+        if new == name:
+            raise InputValueError(
+                f"unexpected backbone tensor {k!r}: not a torchvision ResNet name"
+            )
+        out["backbone." + new] = v
+    return out
+
+
+def coco_class_rows() -> List[int]:
+    """Rows of a 91-way COCO classifier (indexed by COCO category id) for Detectron2's 80
+    contiguous classes, in Detectron2's order."""
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+    return [c["id"] for c in COCO_CATEGORIES if c["isthing"]]
+
+
+def map_class_head(sd: StateDict, num_classes: int) -> None:
+    """Rows of every class head (``class_embed.*``: one, or one per layer; ``(K, C)`` weights)
+    for ``num_classes``, and of DN-DETR's label embedding (``label_enc.weight``: one row per
+    class, then "no object"). A head of ``num_classes`` rows is kept as it is."""
+    names = [k for k in sd if re.fullmatch(r"class_embed\.(\d+\.)?(weight|bias)", k)]
+    if not names:
+        raise InputValueError(f"no class head (class_embed.*) among {len(sd)} tensors")
+    if "label_enc.weight" in sd:
+        rows = sd["label_enc.weight"].shape[0]
+        if rows == 92 and num_classes == 80:
+            index = torch.as_tensor(coco_class_rows() + [91])  # the 80 classes, "no object"
+            sd["label_enc.weight"] = sd["label_enc.weight"][index]
+        elif rows != num_classes + 1:
+            raise InputValueError(f"label_enc.weight has {rows} rows; cannot map them to "
+                             f"NUM_CLASSES={num_classes} (it needs NUM_CLASSES + 1)")
+    for name in names:
+        rows = sd[name].shape[0]
+        if rows == num_classes:
+            continue
+        if rows == 91 and num_classes == 80:
+            sd[name] = sd[name][torch.as_tensor(coco_class_rows())]
+            continue
+        raise InputValueError(
+            f"{name} has {rows} rows; cannot map them to NUM_CLASSES={num_classes} "
+            "(supported: equal counts, or the 91-row COCO-id head to 80 classes)"
+        )
+
+
+def require(sd: StateDict, key: str, what: str) -> None:
+    """Raise InputValueError (a ValueError) unless ``sd`` has ``key``, which every ``what`` has."""
+    if key not in sd:
+        found = ", ".join(list(sd)[:5])
+        raise InputValueError(f"not {what}: it has no {key!r} (first keys: {found})")
