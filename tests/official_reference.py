@@ -13,7 +13,7 @@ import json
 import math
 import os
 import zlib
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -78,3 +78,41 @@ def stack_layers(outputs: Dict[str, object], key: str) -> torch.Tensor:
     ``aux_outputs``: the earlier layers first, the last (``outputs[key]``) at the end."""
     layers: List[torch.Tensor] = [aux[key] for aux in outputs["aux_outputs"]]
     return torch.stack(layers + [outputs[key]])
+
+
+# run -> images, batched in this order (the reference outputs' three runs)
+RUNS = {"batch": ("image0", "image1"), "image0": ("image0",), "image1": ("image1",)}
+# one run's (logits (L, B, Q, K), boxes (L, B, Q, 4)), every decoder layer, first layer first
+Prediction = Tuple[torch.Tensor, torch.Tensor]
+
+
+def prediction_runner(
+    model: torch.nn.Module, images: Dict[str, torch.Tensor]
+) -> Callable[[str], Prediction]:
+    """``run(name)`` -> the model's :data:`Prediction` for the images ``RUNS[name]`` names,
+    batched as the reference was; each run computed once."""
+    cache: Dict[str, Prediction] = {}
+
+    def run(name: str) -> Prediction:
+        if name not in cache:
+            with torch.no_grad():
+                batch = model.preprocess_image([{"image": images[k]} for k in RUNS[name]])
+                outputs = model.forward_predictions(batch, with_aux=True)
+            cache[name] = stack_layers(outputs, "pred_logits"), stack_layers(outputs, "pred_boxes")
+        return cache[name]
+
+    return run
+
+
+def reference_outputs(reference_dir: str, model_name: str, run: str) -> Dict[str, torch.Tensor]:
+    """The stored outputs of ``model_name`` for ``run``, in float64."""
+    ref = load_outputs(os.path.join(reference_dir, f"{model_name}_outputs.npz"), run)
+    return {k: v.double() for k, v in ref.items()}
+
+
+def assert_layers_close(ours: torch.Tensor, ref: torch.Tensor, what: str, **tol) -> None:
+    """Layer by layer, first layer first, so that a failure names the first that diverges."""
+    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
+    for layer in range(ref.shape[0]):
+        torch.testing.assert_close(ours[layer], ref[layer], **tol,
+                                   msg=lambda m, layer=layer: f"{what}, decoder layer {layer}: {m}")

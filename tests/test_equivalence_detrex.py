@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator
 
 import pytest
 import torch
@@ -27,7 +27,14 @@ from conftest import config_path
 from dab_detr.checkpoint import DabDetrCheckpointer, architecture_record, convert_detrex
 from dab_detr.config import get_dab_detr_cfg
 from dab_detr.convert import main as convert_main
-from official_reference import load_images, load_outputs, stack_layers
+from official_reference import (
+    RUNS,
+    Prediction,
+    assert_layers_close,
+    load_images,
+    prediction_runner,
+    reference_outputs,
+)
 
 # detrex model -> this project's config for it
 MODELS = {
@@ -42,10 +49,6 @@ MODELS = {
 # scores and 3.5e-8 on the boxes: about the float32 rounding of the stored reference.
 LOGITS_TOL = dict(rtol=0.0, atol=5e-7)
 BOXES_TOL = dict(rtol=0.0, atol=1e-7)
-# run -> images, batched in this order (the reference's three runs)
-RUNS = {"batch": ("image0", "image1"), "image0": ("image0",), "image1": ("image1",)}
-# (logits (L, B, Q, K), boxes (L, B, Q, 4) cxcywh normalised) of every decoder layer
-Prediction = Tuple[torch.Tensor, torch.Tensor]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,30 +98,7 @@ def predict(model: torch.nn.Module) -> Callable[[str], Prediction]:
     """``predict(run)`` -> ``(logits (L, B, Q, K), boxes (L, B, Q, 4))``, first layer first;
     each run computed once."""
     images = load_images(os.path.join(REFERENCE_DIR, "images.npz"))
-    cache: Dict[str, Prediction] = {}
-
-    def run(name: str) -> Prediction:
-        if name not in cache:
-            with torch.no_grad():
-                batch = model.preprocess_image([{"image": images[k]} for k in RUNS[name]])
-                outputs = model.forward_predictions(batch, with_aux=True)
-            cache[name] = stack_layers(outputs, "pred_logits"), stack_layers(outputs, "pred_boxes")
-        return cache[name]
-
-    return run
-
-
-def _reference(model_name: str, run: str) -> Dict[str, torch.Tensor]:
-    ref = load_outputs(os.path.join(REFERENCE_DIR, f"{model_name}_outputs.npz"), run)
-    return {k: v.double() for k, v in ref.items()}
-
-
-def _assert_layers_close(ours: torch.Tensor, ref: torch.Tensor, what: str, **tol) -> None:
-    """Layer by layer, first layer first, so that a failure names the first that diverges."""
-    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
-    for layer in range(ref.shape[0]):
-        torch.testing.assert_close(ours[layer], ref[layer], **tol,
-                                   msg=lambda m, layer=layer: f"{what}, decoder layer {layer}: {m}")
+    return prediction_runner(model, images)
 
 
 def test_checkpointer_loads_every_tensor(model, converted_file):
@@ -135,16 +115,16 @@ def test_checkpointer_loads_every_tensor(model, converted_file):
 def test_every_decoder_layer_matches_detrex(model_name, predict, run):
     """All 6 layers, all 300 queries, all 80 classes, and the boxes, batched and alone. In the
     batch, image1 is padded: detrex's batched run masks the padding as this project does."""
-    ref = _reference(model_name, run)
+    ref = reference_outputs(REFERENCE_DIR, model_name, run)
     # the comparison means something only if queries and classes differ
     assert ref["logits"].sigmoid().std() > 0.2 and ref["boxes"].std() > 0.2
     if run == "batch":  # the padding changes image1's outputs: this run checks the masking
-        alone = _reference(model_name, "image1")["logits"][:, 0]
+        alone = reference_outputs(REFERENCE_DIR, model_name, "image1")["logits"][:, 0]
         assert (ref["logits"][:, 1] - alone).abs().max() > 0.1
     logits, boxes = predict(run)
     assert logits.shape == (6, len(RUNS[run]), 300, 80)
-    _assert_layers_close(logits, ref["logits"], f"{run} logits", **LOGITS_TOL)
-    _assert_layers_close(boxes, ref["boxes"], f"{run} boxes", **BOXES_TOL)
+    assert_layers_close(logits, ref["logits"], f"{run} logits", **LOGITS_TOL)
+    assert_layers_close(boxes, ref["boxes"], f"{run} boxes", **BOXES_TOL)
 
 
 def _zeros_state_dict(model_name: str) -> Dict[str, torch.Tensor]:

@@ -27,10 +27,13 @@ from dab_detr.config import get_dab_detr_cfg
 from dab_detr.convert import main as convert_main
 from official_reference import (
     REFERENCE_DIR,
+    RUNS,
+    Prediction,
+    assert_layers_close,
     load_images,
-    load_outputs,
     official_state_dict,
-    stack_layers,
+    prediction_runner,
+    reference_outputs,
 )
 
 # reference model -> (its COCO config, logits tolerance, boxes tolerance)
@@ -51,10 +54,6 @@ MODELS = {
     "dn_dab_deformable_detr_r50": ("COCO-Detection/dn_dab_deformable_detr_R_50_50ep.yaml", 5e-7,
                                    1e-7),
 }
-# run -> images, batched in this order (the reference's three runs)
-RUNS = {"batch": ("image0", "image1"), "image0": ("image0",), "image1": ("image1",)}
-# (logits (L, B, Q, K), boxes (L, B, Q, 4)) of every decoder layer, first layer first
-Prediction = Tuple[torch.Tensor, torch.Tensor]
 # What the official models take: (x / 255 - mean) / std, in RGB.
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(3, 1, 1)
@@ -134,30 +133,7 @@ def predict(
 ) -> Callable[[str], Prediction]:
     """``predict(run)`` -> ``(logits (L, B, Q, K), boxes (L, B, Q, 4))`` of the project's
     model, every decoder layer, first layer first; each run computed once."""
-    cache: Dict[str, Prediction] = {}
-
-    def run(name: str) -> Prediction:
-        if name not in cache:
-            with torch.no_grad():
-                batch = model.preprocess_image([{"image": images[k]} for k in RUNS[name]])
-                outputs = model.forward_predictions(batch, with_aux=True)
-            cache[name] = stack_layers(outputs, "pred_logits"), stack_layers(outputs, "pred_boxes")
-        return cache[name]
-
-    return run
-
-
-def _reference(model_name: str, run: str) -> Dict[str, torch.Tensor]:
-    ref = load_outputs(os.path.join(REFERENCE_DIR, f"{model_name}_outputs.npz"), run)
-    return {k: v.double() for k, v in ref.items()}
-
-
-def _assert_layers_close(ours: torch.Tensor, ref: torch.Tensor, what: str, **tol) -> None:
-    """Layer by layer, first layer first, so that a failure names the first that diverges."""
-    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
-    for layer in range(ref.shape[0]):
-        torch.testing.assert_close(ours[layer], ref[layer], **tol,
-                                   msg=lambda m, layer=layer: f"{what}, decoder layer {layer}: {m}")
+    return prediction_runner(model, images)
 
 
 def test_same_input_as_official(model, images):
@@ -177,28 +153,29 @@ def test_same_input_as_official(model, images):
 @pytest.mark.parametrize("run", list(RUNS))
 def test_every_decoder_layer_matches_official(model_name, predict, tolerances, run):
     """All 6 layers, all 300 queries, all 91 classes, and the boxes."""
-    ref = _reference(model_name, run)
+    ref = reference_outputs(REFERENCE_DIR, model_name, run)
     logits, boxes = predict(run)
     logits_tol, boxes_tol = tolerances
     # the comparison means something only if queries and classes differ
     assert ref["logits"].std() > 0.5 and ref["boxes"].std() > 0.1
     assert logits.shape == (6, len(RUNS[run]), 300, 91)
-    _assert_layers_close(logits, ref["logits"], f"{run} logits", **logits_tol)
-    _assert_layers_close(boxes, ref["boxes"], f"{run} boxes", **boxes_tol)
+    assert_layers_close(logits, ref["logits"], f"{run} logits", **logits_tol)
+    assert_layers_close(boxes, ref["boxes"], f"{run} boxes", **boxes_tol)
 
 
 def test_padded_image_matches_official_batch(model_name, predict, tolerances):
     """image1 is zero-padded in the batch, which changes the backbone's features near its
     bottom and right borders: its batched outputs are the official batched ones, not those of
     image1 alone (the official code masks the padding in attention, but not in the ResNet)."""
-    batched, alone = _reference(model_name, "batch"), _reference(model_name, "image1")
+    batched = reference_outputs(REFERENCE_DIR, model_name, "batch")
+    alone = reference_outputs(REFERENCE_DIR, model_name, "image1")
     logits_tol, boxes_tol = tolerances
     # the padding changes the official outputs, so this checks how it is handled
     assert (batched["logits"][:, 1] - alone["logits"][:, 0]).abs().max() > 0.01
     logits, boxes = predict("batch")
-    _assert_layers_close(logits[:, 1], batched["logits"][:, 1], "padded image1 logits",
+    assert_layers_close(logits[:, 1], batched["logits"][:, 1], "padded image1 logits",
                          **logits_tol)
-    _assert_layers_close(boxes[:, 1], batched["boxes"][:, 1], "padded image1 boxes",
+    assert_layers_close(boxes[:, 1], batched["boxes"][:, 1], "padded image1 boxes",
                          **boxes_tol)
     # image0 fills the batch: no padding, the same outputs as alone
     torch.testing.assert_close(logits[:, 0:1], predict("image0")[0], rtol=0, atol=1e-12)
