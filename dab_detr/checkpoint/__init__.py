@@ -9,8 +9,11 @@ from .conversion import (
     check_against_config,
     convert,
     convert_official,
+    convert_state_dict,
     convert_torchvision,
     convert_transformers,
+    detect_layout,
+    state_dict_of,
 )
 from .detrex import convert_detrex
 from .renaming import coco_class_rows
@@ -30,8 +33,11 @@ __all__ = [
     "convert",
     "convert_detrex",
     "convert_official",
+    "convert_state_dict",
     "convert_torchvision",
     "convert_transformers",
+    "detect_layout",
     "load_restricted_pickle",
     "load_state_dict_file",
+    "state_dict_of",
 ]

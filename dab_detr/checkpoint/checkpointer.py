@@ -2,13 +2,17 @@
 
 :class:`DabDetrCheckpointer` is a ``DetectionCheckpointer`` that
 
-- reads weight files without running code from them: ``.pth`` through torch's weights-only
-  loader, Detectron2's ``.pkl`` model-zoo files through an unpickler restricted to numpy arrays
-  and plain containers (:mod:`dab_detr.checkpoint.safe_load`);
+- reads weight files, local or at a URL (downloaded once into iopath's cache:
+  ``$FVCORE_CACHE``, else ``~/.torch/iopath_cache``), without running code from them: ``.pth``
+  through torch's weights-only loader, Detectron2's ``.pkl`` model-zoo files through an
+  unpickler restricted to numpy arrays and plain containers (:mod:`.safe_load`);
+- takes released ``.pth`` weights as they are: the layout of their names (this project's,
+  official, transformers, detrex, torchvision: :func:`.conversion.detect_layout`) is converted
+  for the model by the converters of ``python -m dab_detr.convert``; an unknown one is an error;
 - drops the class head (and DN-DETR's label embedding), with a warning, when the checkpoint
-  has another class count
-  (fine-tuning a COCO model on a dataset of its own), and refuses any other shape mismatch
-  with an error naming the parameters, instead of silently training them from scratch;
+  has another class count (fine-tuning a COCO model on a dataset of its own), and refuses any
+  other shape mismatch with an error naming the parameters, instead of silently training them
+  from scratch;
 - saves atomically: a checkpoint is written to a temporary file and renamed, and so is the
   ``last_checkpoint`` tag, so a run killed while saving keeps the previous checkpoint and tag;
 - records the architecture settings that leave every tensor shape unchanged (DC5 or not, the
@@ -18,7 +22,9 @@
   the record load as before.
 """
 
+import contextlib
 import os
+import re
 from typing import Any, Dict, Optional
 from urllib.parse import parse_qs
 
@@ -28,7 +34,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from ..utils.file_io import atomic_write, remove_stale_temporaries
 from ..utils.user_errors import InputFileNotFoundError, InputValueError
 from .arch_record import ARCH_KEY, plain
-from .conversion import convert_torchvision
+from .conversion import convert_state_dict, detect_layout, state_dict_of
+from .renaming import ClassCountError, StateDict, map_class_head
 from .safe_load import load_restricted_pickle, load_state_dict_file
 
 __all__ = ["CLASS_HEAD_PREFIX", "DabDetrCheckpointer", "TRAINING_MODEL_KEY"]
@@ -91,7 +98,9 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             # any other query (e.g. of a signed URL) stays exactly as written
             rest = [p for p in query.split("&") if p.split("=", 1)[0] != "matching_heuristics"]
             path = base + (f"?{'&'.join(rest)}" if rest else "")
-        if path and "://" not in path and not os.path.isfile(path):
+        if path and "://" in path:
+            path = self._local_copy(path)
+        if path and not os.path.isfile(path):
             if os.path.isdir(path):
                 raise InputValueError(
                     f"weights {path} is a folder: give a weights file (a transformers model "
@@ -105,6 +114,18 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         self._resuming = checkpointables is None or len(checkpointables) > 0
         return super().load(path, *args, **kwargs)
 
+    def _local_copy(self, url: str) -> str:
+        """The file at ``url`` (``http(s)://``, or another scheme of Detectron2's
+        ``PathManager``, e.g. ``detectron2://``): downloaded into iopath's cache on first use,
+        read from there afterwards."""
+        try:
+            local = self.path_manager.get_local_path(url)
+        except OSError as e:  # urllib's URLError and HTTPError included
+            raise InputFileNotFoundError(f"weights {url} could not be downloaded ({e})") from None
+        if not os.path.isfile(local):
+            raise InputFileNotFoundError(f"weights {url}: no such file")
+        return local
+
     def _load_file(self, filename: str) -> Dict[str, Any]:
         if filename.endswith(".pkl"):
             data = load_restricted_pickle(filename)
@@ -117,19 +138,36 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
             return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
         loaded = load_state_dict_file(filename)
-        weights = loaded.get("state_dict", loaded)
-        if "layer1.0.conv1.weight" in weights and "conv1.weight" in weights:
-            # an ImageNet ResNet as torchvision publishes it (e.g. the R101 configs' weights):
-            # renamed here, as ``python -m dab_detr.convert --source torchvision`` would
-            self.logger.info(f"{filename} is a torchvision ResNet: loading it as the backbone")
+        weights = state_dict_of(loaded)
+        checkpoint = loaded if "model" in loaded else {"model": weights}
+        if self._matching_heuristics:  # the names as they are, matched by Detectron2
+            return {**checkpoint, "matching_heuristics": True}
+        try:
+            layout = detect_layout(weights, self.model.state_dict().keys())
+        except InputValueError as e:
+            raise InputValueError(f"{self._loading}: {e} (with ?matching_heuristics=True after "
+                                  "its name, Detectron2 matches the names instead)") from None
+        if layout != "dab_detr":
             try:
-                return {"model": convert_torchvision(weights), "__author__": "torchvision"}
-            except ValueError as e:
-                raise InputValueError(f"{filename}: {e}") from None
-        loaded = loaded if "model" in loaded else {"model": loaded}
-        if self._matching_heuristics:
-            loaded["matching_heuristics"] = True
-        return loaded
+                checkpoint = {"model": self._convert(layout, weights), "__author__": layout}
+            except InputValueError as e:
+                raise InputValueError(f"{self._loading}: {e}") from None
+        done = {"dab_detr": "loaded as it is", "torchvision": "converted (an ImageNet ResNet: "
+                "the backbone's weights only)"}.get(layout, "converted")
+        self.logger.info(f"{self._loading}: {layout} layout, {done}")
+        return checkpoint
+
+    def _convert(self, layout: str, weights: StateDict) -> StateDict:
+        """``weights`` in ``layout`` -> this project's names, for the model: its class count,
+        its anchor centres fixed (a ``refpoint_xy`` buffer: RANDOM_REFPOINTS_XY) or not."""
+        expected = self.model.state_dict()
+        out = convert_state_dict(layout, weights, None, "refpoint_xy" in expected)
+        heads = [v for k, v in expected.items() if re.fullmatch(r"class_embed\.(0\.)?weight", k)]
+        if heads and layout != "torchvision":
+            # another class count (fine-tuning): _check_shapes drops the head, with a warning
+            with contextlib.suppress(ClassCountError):
+                map_class_head(out, heads[0].shape[0])  # e.g. official's 91 rows -> 80 classes
+        return out
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         self._check_arch(checkpoint.get(ARCH_KEY))

@@ -10,6 +10,8 @@ Sources:
   detrex        ``{"model": state_dict, ...}`` checkpoints of IDEA-Research/detrex: DAB-DETR
                 (R50, R50-DC5), DN-DETR and one-stage DAB-Deformable-DETR (``detrex.py``).
 
+:func:`detect_layout` tells these layouts, and this project's own names, apart by the names
+of a state dict: ``--source auto`` and ``DabDetrCheckpointer`` (``MODEL.WEIGHTS``) use it.
 With a config, the result is laid out for (fixxy anchors) and checked against the model that
 config builds. Nothing is unpickled beyond tensors, plain containers and the official training
 script's ``argparse.Namespace`` (see ``safe_load.py``).
@@ -17,7 +19,7 @@ script's ``argparse.Namespace`` (see ``safe_load.py``).
 
 import logging
 import re
-from typing import Callable, Dict, List
+from typing import Any, Callable, Collection, Dict, List, Optional, Union
 
 import torch
 
@@ -33,7 +35,10 @@ from .renaming import (
 )
 from .safe_load import load_state_dict_file
 
-__all__ = ["convert", "convert_official", "convert_transformers", "convert_torchvision"]
+__all__ = [
+    "CONVERTERS", "check_against_config", "convert", "convert_official", "convert_state_dict",
+    "convert_torchvision", "convert_transformers", "detect_layout", "state_dict_of",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +74,10 @@ _TRANSFORMERS_RULES: List[Rule] = [
 ]
 
 
-def convert_official(sd: StateDict, num_classes: int = 80) -> StateDict:
+def convert_official(sd: StateDict, num_classes: Optional[int] = 80) -> StateDict:
     """Checkpoint released with the paper (DAB-DETR or DAB-Deformable-DETR) -> this project's
-    names: the ResNet's are Detectron2's, the others are kept."""
+    names: the ResNet's are Detectron2's, the others are kept. The class heads are laid out for
+    ``num_classes`` (None: kept as they are)."""
     sd = sd.get("model", sd)
     require(sd, "refpoint_embed.weight", "a DAB-DETR checkpoint of the official repository")
     out = convert_resnet(sd, "backbone.0.body.")
@@ -86,8 +92,9 @@ def convert_official(sd: StateDict, num_classes: int = 80) -> StateDict:
     return out
 
 
-def convert_transformers(sd: StateDict, num_classes: int = 80) -> StateDict:
-    """``DabDetrForObjectDetection`` state dict -> this project's names."""
+def convert_transformers(sd: StateDict, num_classes: Optional[int] = 80) -> StateDict:
+    """``DabDetrForObjectDetection`` state dict -> this project's names; the class heads are
+    laid out for ``num_classes`` (None: kept as they are)."""
     require(sd, "model.query_refpoint_embeddings.weight",
             "a transformers DabDetrForObjectDetection state dict")
     out = convert_resnet(sd, "model.backbone.conv_encoder.model._backbone.")
@@ -132,17 +139,89 @@ CONVERTERS: Dict[str, Callable[..., StateDict]] = {
 }
 
 
-def convert(source: str, path: str, cfg=None) -> StateDict:
-    """Load ``path`` and convert it from ``source``; with a Detectron2 ``cfg``, lay it out
-    for and check it against the model that ``cfg`` builds."""
-    sd = load_state_dict_file(path)
-    if source == "torchvision":
-        out = convert_torchvision(sd)
-    else:
-        num_classes = cfg.MODEL.DAB_DETR.NUM_CLASSES if cfg is not None else 80
-        out = CONVERTERS[source](sd, num_classes)
-        if cfg is not None and cfg.MODEL.DAB_DETR.RANDOM_REFPOINTS_XY:
-            _split_fixed_anchor_centres(out)
+# this project's names at the top of a state dict: its meta-architectures' modules and
+# buffers (after the ``module.`` prefix of a model saved inside DDP, if any)
+_OWN_NAMES = re.compile(
+    r"(?:module\.)?(?:(?:backbone\.(?:stem|res[2-5])|transformer|input_proj|class_embed"
+    r"|bbox_embed|refpoint_embed|tgt_embed|label_enc)\..+|refpoint_xy|pixel_mean|pixel_std)"
+)
+# layout -> a name (re.fullmatch) that only its files have
+_LAYOUT_NAMES = {
+    "official": r"backbone\.0\.body\..+",  # DETR's Joiner around a torchvision ResNet
+    "transformers": r"model\.query_refpoint_embeddings\.weight",
+    "detrex": r"anchor_box_embed\.weight|transformer\.level_embeds",  # DAB/DN, deformable
+    "torchvision": r"layer1\.0\.conv1\.weight",
+}
+
+
+def detect_layout(sd: StateDict, model_names: Collection[str] = ()) -> str:
+    """The layout of ``sd``'s names: ``"dab_detr"`` (this project's own: loaded as it is) or
+    a source of :data:`CONVERTERS` (``"official"``, ``"transformers"``, ``"detrex"``,
+    ``"torchvision"``).
+
+    Args:
+        sd: a state dict (:func:`state_dict_of` a loaded file).
+        model_names: the state-dict names of the model ``sd`` is for, if known: a file of
+            those names only is in the model's own layout, whatever the model.
+
+    Raises:
+        InputValueError: ``sd`` fits none, naming the first of its names that fit no layout.
+    """
+    if sd and all(k.removeprefix("module.") in model_names for k in sd):
+        return "dab_detr"
+    for layout, pattern in _LAYOUT_NAMES.items():
+        if any(re.fullmatch(pattern, k) for k in sd):
+            return layout
+    unfit = [k for k in sd if not _OWN_NAMES.fullmatch(k)]
+    if sd and not unfit:
+        return "dab_detr"
+    shown = ", ".join(unfit[:5]) + (f" and {len(unfit) - 5} more" if len(unfit) > 5 else "")
+    raise InputValueError(
+        "not DAB-DETR weights in a layout this project reads (its own names, official, "
+        "transformers, detrex or a torchvision ResNet): "
+        + (f"{shown} fit none of them" if sd else "it holds no tensors")
+    )
+
+
+def state_dict_of(loaded: Dict[str, Any]) -> StateDict:
+    """The tensors of a weight file as :func:`load_state_dict_file` returns it: its ``"model"``
+    (this project's, Detectron2's, the official and detrex files) or ``"state_dict"`` entry,
+    else the whole file (transformers, torchvision)."""
+    for key in ("model", "state_dict"):
+        if isinstance(loaded.get(key), dict):
+            return loaded[key]
+    return loaded
+
+
+def convert_state_dict(
+    layout: str, sd: StateDict, num_classes: Optional[int] = 80, fixed_anchor_centres: bool = False
+) -> StateDict:
+    """``sd`` in ``layout`` (a source of :data:`CONVERTERS`) -> this project's names, for a
+    model of ``num_classes`` classes (None: the class heads as they are in ``sd``) whose anchor
+    centres are fixed (``RANDOM_REFPOINTS_XY``: the ``refpoint_xy`` buffer) or not. A
+    torchvision ResNet gives the backbone's tensors only."""
+    if layout == "dab_detr":
+        raise InputValueError("already in this project's names: MODEL.WEIGHTS loads it as it "
+                              "is, there is nothing to convert")
+    if layout == "torchvision":
+        return convert_torchvision(sd)
+    out = CONVERTERS[layout](sd, num_classes)
+    if fixed_anchor_centres:
+        _split_fixed_anchor_centres(out)
+    return out
+
+
+def convert(source: str, path: Union[str, Dict[str, Any]], cfg=None) -> StateDict:
+    """Load ``path`` (a file or a transformers model directory; or what
+    :func:`load_state_dict_file` returned for one) and convert it from ``source``, a source of
+    :data:`CONVERTERS`; with a Detectron2 ``cfg``, lay it out for and check it against the
+    model that ``cfg`` builds."""
+    loaded = load_state_dict_file(path) if isinstance(path, str) else path
+    num_classes, fixed_anchor_centres = 80, False
+    if cfg is not None:
+        num_classes = cfg.MODEL.DAB_DETR.NUM_CLASSES
+        fixed_anchor_centres = cfg.MODEL.DAB_DETR.RANDOM_REFPOINTS_XY
+    out = convert_state_dict(source, state_dict_of(loaded), num_classes, fixed_anchor_centres)
     if cfg is not None:
         check_against_config(out, cfg, backbone_only=source == "torchvision")
     return out

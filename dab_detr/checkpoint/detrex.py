@@ -177,14 +177,15 @@ def _rename_model(key: str, extra_convs_from: int) -> Optional[str]:
     return None
 
 
-def convert_detrex(sd: StateDict, num_classes: int = 80) -> StateDict:
+def convert_detrex(sd: StateDict, num_classes: Optional[int] = 80) -> StateDict:
     """detrex checkpoint -> this project's names.
 
     Args:
         sd: ``{"model": state_dict, ...}`` as detrex saves it (the rest is ignored), or the
             state dict itself.
         num_classes: the config's ``NUM_CLASSES``. detrex's class heads have 80 rows (and DN's
-            label encoder 81), kept as they are; another count is refused.
+            label encoder 81), kept as they are; another count is refused (None: any count
+            is kept).
 
     Returns:
         The state dict in this project's names, the tensors unchanged.

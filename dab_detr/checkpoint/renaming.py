@@ -6,15 +6,15 @@ Shapes: K classes, C channels.
 """
 
 import re
-from typing import Callable, Dict, List, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from ..utils.user_errors import InputValueError
 
 __all__ = [
-    "Rule", "StateDict", "coco_class_rows", "convert_resnet", "map_class_head", "rename",
-    "require",
+    "ClassCountError", "Rule", "StateDict", "coco_class_rows", "convert_resnet",
+    "map_class_head", "rename", "require",
 ]
 
 StateDict = Dict[str, torch.Tensor]
@@ -65,32 +65,53 @@ def coco_class_rows() -> List[int]:
     return [c["id"] for c in COCO_CATEGORIES if c["isthing"]]
 
 
-def map_class_head(sd: StateDict, num_classes: int) -> None:
+class ClassCountError(InputValueError):
+    """A class head whose rows cannot be mapped to the model's class count."""
+
+
+def _class_rows(name: str, rows: int, num_classes: int) -> Optional[torch.Tensor]:
+    """Index of the rows of a ``rows``-row class head that give ``num_classes`` classes;
+    None: all of them, in their order."""
+    if rows == num_classes:
+        return None
+    if rows == 91 and num_classes == 80:
+        return torch.as_tensor(coco_class_rows())
+    raise ClassCountError(
+        f"{name} has {rows} rows; cannot map them to NUM_CLASSES={num_classes} "
+        "(supported: equal counts, or the 91-row COCO-id head to 80 classes)"
+    )
+
+
+def _label_rows(rows: int, num_classes: int) -> Optional[torch.Tensor]:
+    """As :func:`_class_rows`, for DN-DETR's label embedding (one more row: "no object")."""
+    if rows == num_classes + 1:
+        return None
+    if rows == 92 and num_classes == 80:
+        return torch.as_tensor(coco_class_rows() + [91])  # the 80 classes, "no object"
+    raise ClassCountError(f"label_enc.weight has {rows} rows; cannot map them to "
+                          f"NUM_CLASSES={num_classes} (it needs NUM_CLASSES + 1)")
+
+
+def map_class_head(sd: StateDict, num_classes: Optional[int]) -> None:
     """Rows of every class head (``class_embed.*``: one, or one per layer; ``(K, C)`` weights)
     for ``num_classes``, and of DN-DETR's label embedding (``label_enc.weight``: one row per
-    class, then "no object"). A head of ``num_classes`` rows is kept as it is."""
+    class, then "no object"). A head of ``num_classes`` rows is kept as it is, and so is every
+    head when ``num_classes`` is None.
+
+    Raises:
+        ClassCountError: a head has a count it cannot be mapped from; ``sd`` is unchanged.
+    """
     names = [k for k in sd if re.fullmatch(r"class_embed\.(\d+\.)?(weight|bias)", k)]
     if not names:
         raise InputValueError(f"no class head (class_embed.*) among {len(sd)} tensors")
+    if num_classes is None:
+        return
+    index = {name: _class_rows(name, sd[name].shape[0], num_classes) for name in names}
     if "label_enc.weight" in sd:
-        rows = sd["label_enc.weight"].shape[0]
-        if rows == 92 and num_classes == 80:
-            index = torch.as_tensor(coco_class_rows() + [91])  # the 80 classes, "no object"
-            sd["label_enc.weight"] = sd["label_enc.weight"][index]
-        elif rows != num_classes + 1:
-            raise InputValueError(f"label_enc.weight has {rows} rows; cannot map them to "
-                             f"NUM_CLASSES={num_classes} (it needs NUM_CLASSES + 1)")
-    for name in names:
-        rows = sd[name].shape[0]
-        if rows == num_classes:
-            continue
-        if rows == 91 and num_classes == 80:
-            sd[name] = sd[name][torch.as_tensor(coco_class_rows())]
-            continue
-        raise InputValueError(
-            f"{name} has {rows} rows; cannot map them to NUM_CLASSES={num_classes} "
-            "(supported: equal counts, or the 91-row COCO-id head to 80 classes)"
-        )
+        index["label_enc.weight"] = _label_rows(sd["label_enc.weight"].shape[0], num_classes)
+    for name, rows in index.items():  # all checked first: nothing changed if one raises
+        if rows is not None:
+            sd[name] = sd[name][rows]
 
 
 def require(sd: StateDict, key: str, what: str) -> None:
