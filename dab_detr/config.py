@@ -98,9 +98,14 @@ def add_dab_detr_config(cfg: CN) -> None:
     # Sampling points per attention head and level, in the encoder and in the decoder.
     d.DEFORMABLE.ENC_N_POINTS = 4
     d.DEFORMABLE.DEC_N_POINTS = 4
-    # Two-stage: the top NUM_QUERIES encoder proposals become the anchors (and their sine
-    # embedding, projected, the content queries) instead of learned anchors.
+    # Two-stage: the top NUM_QUERIES encoder proposals become the anchors (and give the content
+    # queries, see TWO_STAGE_QUERY) instead of learned anchors.
     d.DEFORMABLE.TWO_STAGE = False
+    # Two-stage, how the proposals are ranked and their content queries made: "official"
+    # (DAB-DETR's code, as Deformable DETR: by the first class; the proposal's sine embedding,
+    # projected by pos_trans) or "encoder_content" (detrex's two-stage model, as DINO: by the
+    # best class; the selected tokens' enc_output_norm(enc_output(memory)), detached).
+    d.DEFORMABLE.TWO_STAGE_QUERY = "official"
 
     # Learning-rate factor of the backbone relative to SOLVER.BASE_LR.
     _C.SOLVER.BACKBONE_MULTIPLIER = 0.1

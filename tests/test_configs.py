@@ -23,6 +23,7 @@ def test_configs_found():
     assert "Base-DAB-DETR.yaml" in CONFIGS
     assert "quick_schedules/dab_detr_R_18_shapes.yaml" in CONFIGS
     assert "COCO-Detection/dab_deformable_detr_R_50_two_stage_50ep.yaml" in CONFIGS
+    assert "COCO-Detection/dab_deformable_detr_R_50_two_stage_official_50ep.yaml" in CONFIGS
     assert len(CONFIGS) >= 12
 
 

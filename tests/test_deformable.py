@@ -87,13 +87,25 @@ def test_encoder_proposals_centres_sizes_and_exclusions():
     assert (out[padded] == 0).all() and torch.equal(out[~padded], memory[~padded])
 
 
-def test_two_stage_anchors_are_the_top_encoder_proposals():
+@pytest.mark.parametrize("query", ["official", "encoder_content"])
+def test_two_stage_anchors_are_the_top_encoder_proposals(query):
     """Two-stage: the decoder's first anchors are the refined boxes of the encoder proposals
-    that score highest (first class), and training gives every parameter a gradient."""
-    model = build_model(_cfg("MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE", "True"))
+    that score highest (official: by the first class; encoder_content, detrex's: by the best
+    class, and the content queries are those tokens' projected memory), and training gives
+    every parameter a gradient."""
+    model = build_model(_cfg("MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE", "True",
+                             "MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE_QUERY", query))
+    proposals = model.transformer.proposals
+    assert hasattr(proposals, "pos_trans") == (query == "official")
     seen = {}
     model.transformer.decoder.register_forward_hook(
         lambda module, args, output: seen.update(references=output[2])
+    )
+    model.transformer.decoder.register_forward_pre_hook(
+        lambda module, args: seen.update(tgt=args[0])
+    )
+    proposals.enc_output_norm.register_forward_hook(
+        lambda module, args, output: seen.update(projected=output)
     )
     model.eval()
     with torch.no_grad():
@@ -104,8 +116,15 @@ def test_two_stage_anchors_are_the_top_encoder_proposals():
     # a logit of [0.01, 0.99] plus the zero delta of an untrained head, is below 1)
     invalid = (enc["pred_boxes"] == 1).any(-1)
     assert invalid[1].any()  # the smaller image is padded: the exclusion is exercised
-    score = enc["pred_logits"][..., 0].masked_fill(invalid, float("-inf"))
-    top = score.topk(10, dim=1).indices  # (B, 10)
+    logits = enc["pred_logits"]  # (B, S, K)
+    score = logits[..., 0] if query == "official" else logits.max(-1).values
+    top = score.masked_fill(invalid, float("-inf")).topk(10, dim=1).indices  # (B, 10)
+    if query == "encoder_content":
+        # the untrained heads rank differently by the first class: the switch is exercised
+        assert not torch.equal(top, logits[..., 0].masked_fill(invalid, float("-inf"))
+                               .topk(10, dim=1).indices)
+        expected_tgt = torch.gather(seen["projected"], 1, top[..., None].expand(-1, -1, 64))
+        torch.testing.assert_close(seen["tgt"], expected_tgt, rtol=0, atol=0)
     expected = torch.gather(enc["pred_boxes"], 1, top[..., None].expand(-1, -1, 4))
     torch.testing.assert_close(seen["references"][0], expected)
 
@@ -207,6 +226,9 @@ def test_patterns_and_fixed_centres():
      "NUM_PATTERNS"),
     (["MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']"],
      "MODEL.RESNETS.OUT_FEATURES"),
+    (["MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE", "True",
+      "MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE_QUERY", "dino"],
+     "MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE_QUERY"),
 ])
 def test_unsupported_settings_are_refused_by_name(opts, named):
     with pytest.raises(ValueError, match=named):

@@ -5,9 +5,10 @@ training saves them, converted as a user would (``python -m dab_detr.convert --s
 
 The models run in float64, as the reference did, with the stock 80-class COCO configs: their
 preprocessing (RGB, ImageNet mean and std in 0-255 units), position-encoding temperatures
-(20; 10 for DC5; 10000 for the deformable model), torchvision's DC5 layout and DN settings are
-detrex's, so no setting is overridden. detrex's two-stage DAB-Deformable-DETR is another model
-than this project's two-stage one and is not converted (``test_two_stage_is_refused``).
+(20; 10 for DC5; 10000 for the deformable models), torchvision's DC5 layout, DN settings and
+two-stage query selection (``DEFORMABLE.TWO_STAGE_QUERY "encoder_content"``) are detrex's, so
+no setting is overridden. The reference holds no encoder proposals of the two-stage model:
+its proposals are checked through the decoder's outputs, which start from them.
 
 Shapes: L decoder layers, B batch, Q queries, K = 80 classes.
 """
@@ -43,10 +44,14 @@ MODELS = {
     "dab_detr_r50_dc5": "COCO-Detection/dab_detr_R_50_DC5_50ep.yaml",
     "dab_deformable_detr_r50": "COCO-Detection/dab_deformable_detr_R_50_50ep.yaml",
     "dn_detr_r50": "COCO-Detection/dn_dab_detr_R_50_50ep.yaml",
+    "dab_deformable_detr_r50_two_stage":
+        "COCO-Detection/dab_deformable_detr_R_50_two_stage_50ep.yaml",
 }
-# Measured (2026-12-04), in every layer and run of the four models: at most 2.4e-7 on the
-# logits (the deformable model's first two layers; 1.4e-7 elsewhere), 1.7e-8 on the sigmoid
+# Measured (2026-12-04), in every layer and run of the four one-stage models: at most 2.4e-7 on
+# the logits (the deformable model's first two layers; 1.4e-7 elsewhere), 1.7e-8 on the sigmoid
 # scores and 3.5e-8 on the boxes: about the float32 rounding of the stored reference.
+# Two-stage (its proposals in float32, as detrex's): 2.7e-7 on the logits (first two layers;
+# 1.5e-7 after), 2.2e-8 on the scores, 3.9e-8 on the boxes.
 LOGITS_TOL = dict(rtol=0.0, atol=5e-7)
 BOXES_TOL = dict(rtol=0.0, atol=1e-7)
 
@@ -164,8 +169,18 @@ def test_tied_names_must_agree():
                                torch.ones(256), rtol=0, atol=0)
 
 
-def test_two_stage_is_refused():
-    sd = _zeros_state_dict("dab_deformable_detr_r50")
-    sd["transformer.enc_output.weight"] = torch.zeros(256, 256)
-    with pytest.raises(ValueError, match="two-stage"):
-        convert_detrex(sd)
+def test_two_stage_names():
+    """detrex's two-stage tensors land where this project's two-stage model reads them: the
+    memory's projection in the proposal module, the proposals' heads last, no ``pos_trans``."""
+    sd = detrex_state_dict(os.path.join(REFERENCE_DIR, "dab_deformable_detr_r50_two_stage.json"))
+    converted = convert_detrex(detrex_checkpoint(sd))
+    for name in ("enc_output.weight", "enc_output.bias", "enc_output_norm.weight",
+                 "enc_output_norm.bias"):
+        torch.testing.assert_close(converted[f"transformer.proposals.{name}"],
+                                   sd[f"transformer.{name}"], rtol=0, atol=0)
+    torch.testing.assert_close(converted["class_embed.6.weight"], sd["class_embed.6.weight"],
+                               rtol=0, atol=0)
+    torch.testing.assert_close(converted["transformer.decoder.bbox_embed.6.layers.2.bias"],
+                               sd["bbox_embed.6.layers.2.bias"], rtol=0, atol=0)
+    assert not [k for k in converted if "pos_trans" in k or k.startswith("transformer.decoder."
+                                                                         "class_embed")]

@@ -30,6 +30,8 @@ DEFORMABLE_SMALL = ["MODEL.WEIGHTS", "", "MODEL.DAB_DETR.HIDDEN_DIM", "64",
                     "MODEL.DAB_DETR.NUM_QUERIES", "10", *LAYERS]
 DN = ["MODEL.DAB_DETR.DN.ENABLED", "True"]
 TWO_STAGE = ["MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE", "True"]
+# detrex's two-stage model: enc_output without pos_trans, Xavier as every transformer matrix
+ENCODER_CONTENT = [*TWO_STAGE, "MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE_QUERY", "encoder_content"]
 # the focal-loss prior: every class starts at probability 0.01
 PRIOR = -math.log((1 - 0.01) / 0.01)
 
@@ -47,6 +49,7 @@ FAMILIES = {
     "dn_dab_detr": (_dab, DN),
     "dab_deformable_detr": (_deformable, []),
     "dab_deformable_detr_two_stage": (_deformable, TWO_STAGE),
+    "dab_deformable_detr_two_stage_encoder_content": (_deformable, ENCODER_CONTENT),
     "dn_dab_deformable_detr": (_deformable, DN),
 }
 

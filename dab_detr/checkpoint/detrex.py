@@ -12,9 +12,12 @@ parts are numbered in the order the layer applies them (``attentions.N``, ``ffns
 - DAB-DETR R50-DC5 uses torchvision's ResNet (under ``backbone.body.``), the other models
   Detectron2's, whose names this project shares.
 
-Supported: DAB-DETR (R50, R50-DC5), DN-DETR and one-stage DAB-Deformable-DETR. detrex's
-two-stage DAB-Deformable-DETR is refused: it selects its queries differently from this
-project's two-stage model (content from the encoder's tokens, top classes by their maximum).
+Supported: DAB-DETR (R50, R50-DC5), DN-DETR and one- and two-stage DAB-Deformable-DETR.
+detrex's two-stage model is this project's with ``DEFORMABLE.TWO_STAGE_QUERY
+"encoder_content"`` (``configs/COCO-Detection/dab_deformable_detr_R_50_two_stage_50ep.yaml``):
+its ``transformer.enc_output`` and ``enc_output_norm`` become ``transformer.proposals.*``, and
+its last class and box heads (``class_embed.6``, ``bbox_embed.6``) score and refine the
+proposals, as this project's.
 """
 
 import logging
@@ -34,6 +37,8 @@ logger = logging.getLogger(__name__)
 _TIED: List[Rule] = [
     # detrex hands the detector's box heads to its decoder as modules
     (r"transformer\.decoder\.(bbox_embed\..+)", r"\1"),
+    # two-stage: its class heads too (the last one scores the encoder's proposals)
+    (r"transformer\.decoder\.(class_embed\..+)", r"\1"),
     # DAB/DN's FFN holds its PReLU as ``activation`` and in ``layers.0`` (Linear, PReLU, ...)
     (r"(transformer\.\w+\.layers\.\d+\.ffns\.0)\.layers\.0\.1\.weight", r"\1.activation.weight"),
 ]
@@ -50,6 +55,8 @@ _MODEL_RULES: List[Rule] = [
     (r"neck\.convs\.(\d+)\.conv\.(weight|bias)", r"input_proj.\1.0.\2"),
     (r"neck\.convs\.(\d+)\.norm\.(weight|bias)", r"input_proj.\1.1.\2"),
     (r"transformer\.level_embeds", "transformer.level_embed"),
+    # two-stage: the projection of the memory that the proposals are scored on
+    (r"transformer\.(enc_output|enc_output_norm)\.(weight|bias)", r"transformer.proposals.\1.\2"),
     (r"transformer\.(encoder\.query_scale|decoder\.(?:query_scale|ref_point_head|ref_anchor_head))"
      r"\.(.+)", r"transformer.\1.\2"),
     (r"transformer\.decoder\.post_norm_layer\.(weight|bias)", r"transformer.decoder.norm.\1"),
@@ -108,13 +115,6 @@ _LAYER_MODULES: Dict[str, Dict[str, Dict[str, str]]] = {
 
 def _family(sd: StateDict) -> str:
     """``"dab"`` (DAB-DETR, DN-DETR) or ``"deformable"`` (DAB-Deformable-DETR), from the keys."""
-    if "transformer.enc_output.weight" in sd:
-        raise InputValueError(
-            "a detrex two-stage DAB-Deformable-DETR checkpoint (it has "
-            "transformer.enc_output.weight): not supported, its query selection differs from "
-            "this project's two-stage model (the queries' content is the encoder's tokens, "
-            "ranked by their top class)"
-        )
     if "transformer.level_embeds" in sd:
         return "deformable"
     if "anchor_box_embed.weight" in sd:
@@ -131,6 +131,8 @@ def _log_model(sd: StateDict, family: str) -> None:
     name = {"dab": "DAB-DETR", "deformable": "DAB-Deformable-DETR"}[family]
     if "denoising_generator.label_encoder.weight" in sd:
         name = "DN-DETR"
+    if "transformer.enc_output.weight" in sd:
+        name = f'two-stage {name} (DEFORMABLE.TWO_STAGE_QUERY "encoder_content")'
     if any(k.startswith("backbone.body.") for k in sd):
         # dilated or not, a torchvision ResNet has the same tensors: the config decides
         logger.info("detrex %s with torchvision's ResNet, which detrex's DC5 configs use: "
@@ -191,8 +193,7 @@ def convert_detrex(sd: StateDict, num_classes: Optional[int] = 80) -> StateDict:
         The state dict in this project's names, the tensors unchanged.
 
     Raises:
-        ValueError: naming every tensor it does not know, a tied pair that differs, or a
-            model it does not convert (two-stage).
+        ValueError: naming every tensor it does not know, or a tied pair that differs.
     """
     sd = _untie(sd.get("model", sd))
     family = _family(sd)

@@ -10,7 +10,7 @@ from .encoder import (
     valid_ratios,
 )
 from .transformer import DABDeformableTransformer
-from .two_stage import EncoderProposals, encoder_output_proposals
+from .two_stage import TWO_STAGE_QUERIES, EncoderProposals, encoder_output_proposals
 
 __all__ = [
     "DABDeformableDecoder",
@@ -19,6 +19,7 @@ __all__ = [
     "DeformableEncoder",
     "DeformableEncoderLayer",
     "EncoderProposals",
+    "TWO_STAGE_QUERIES",
     "encoder_output_proposals",
     "encoder_reference_points",
     "valid_ratios",

@@ -37,6 +37,7 @@ class DABDeformableTransformer(nn.Module):
         enc_n_points: int = 4,
         dec_n_points: int = 4,
         two_stage_num_proposals: int = 0,
+        two_stage_query: str = "official",
     ):
         """
         Args:
@@ -49,6 +50,9 @@ class DABDeformableTransformer(nn.Module):
             enc_n_points, dec_n_points: sampling points per head and level.
             two_stage_num_proposals: 0 for the one-stage model (the detector gives the
                 anchors); K > 0 for the two-stage model (the top-K encoder proposals).
+            two_stage_query: how the two-stage model ranks its proposals and makes their
+                content queries: ``"official"`` or ``"encoder_content"`` (detrex's; see
+                ``EncoderProposals``).
         """
         super().__init__()
         self.d_model = d_model
@@ -68,7 +72,7 @@ class DABDeformableTransformer(nn.Module):
             bbox_embed,
         )
         self.proposals = (
-            EncoderProposals(d_model, two_stage_num_proposals)
+            EncoderProposals(d_model, two_stage_num_proposals, two_stage_query)
             if two_stage_num_proposals > 0 else None
         )
         self._reset_parameters()

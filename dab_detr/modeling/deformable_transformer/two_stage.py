@@ -3,8 +3,14 @@
 Every encoder token gets a proposal box (Deformable DETR, Zhu et al., ICLR 2021, Sec. 4.2 and
 ``gen_encoder_output_proposals``): centred on the token, of side ``0.05 * 2^l`` on level l;
 the encoder's class head scores it (class-agnostic in training) and its box head refines it.
-The top-k become the decoder's anchors (detached), and the sine embedding of each, projected,
-its content query.
+The top-k become the decoder's anchors (detached). Their content queries come in two ways
+(``query``):
+
+- ``"official"`` (Deformable DETR, DAB-DETR's code): the proposals rank by their first class,
+  and each content query is the projected sine embedding of its proposal (``pos_trans``);
+- ``"encoder_content"`` (detrex's two-stage DAB-Deformable-DETR, as DINO's query selection):
+  the proposals rank by their best class, and each content query is its token's
+  ``enc_output_norm(enc_output(memory))`` row, detached. No ``pos_trans``.
 
 Shapes: B batch, S tokens over L levels, C channels, K proposals kept.
 """
@@ -17,7 +23,10 @@ from torch import nn
 
 from ...layers import SpatialShapes, level_shapes, sine_features
 
-__all__ = ["EncoderProposals", "encoder_output_proposals"]
+__all__ = ["EncoderProposals", "TWO_STAGE_QUERIES", "encoder_output_proposals"]
+
+# the ways of making the content queries of the selected proposals (see the module docstring)
+TWO_STAGE_QUERIES = ("official", "encoder_content")
 
 
 def encoder_output_proposals(
@@ -37,17 +46,20 @@ def encoder_output_proposals(
             coordinate is within 0.01 of the border, so that they are never selected.
     """
     b = memory.shape[0]
+    # in float32 whatever the model's precision, as Deformable DETR and detrex (float32
+    # linspace): in float64 this moves the proposals, hence the anchors, by about 1e-7
+    dtype = torch.float32
     proposals, start = [], 0
     for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
         mask = padding_mask[:, start : start + h * w].view(b, h, w)
         valid_h = (~mask[:, :, 0]).sum(1)
         valid_w = (~mask[:, 0, :]).sum(1)
         # 0, 1, ..., n - 1 (linspace's values; torch.export makes its count constant)
-        ys = torch.arange(h, dtype=memory.dtype, device=memory.device)
-        xs = torch.arange(w, dtype=memory.dtype, device=memory.device)
+        ys = torch.arange(h, dtype=dtype, device=memory.device)
+        xs = torch.arange(w, dtype=dtype, device=memory.device)
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         grid = torch.stack([grid_x, grid_y], -1)  # (H_l, W_l, 2) (x, y)
-        scale = torch.stack([valid_w, valid_h], -1).to(memory.dtype).view(b, 1, 1, 2)
+        scale = torch.stack([valid_w, valid_h], -1).to(dtype).view(b, 1, 1, 2)
         centre = (grid[None] + 0.5) / scale  # (B, H_l, W_l, 2)
         size = torch.full_like(centre, 0.05 * 2.0**lvl)
         proposals.append(torch.cat([centre, size], -1).view(b, h * w, 4))
@@ -56,7 +68,7 @@ def encoder_output_proposals(
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
     proposals = torch.log(proposals / (1 - proposals))
     invalid = padding_mask.unsqueeze(-1) | ~valid
-    proposals = proposals.masked_fill(invalid, float("inf"))
+    proposals = proposals.masked_fill(invalid, float("inf")).to(memory.dtype)
     memory = memory.masked_fill(invalid, 0.0)
     return memory, proposals
 
@@ -64,13 +76,24 @@ def encoder_output_proposals(
 class EncoderProposals(nn.Module):
     """Scores the encoder's proposals and turns the top-k into anchors and content queries."""
 
-    def __init__(self, d_model: int, num_proposals: int):
+    def __init__(self, d_model: int, num_proposals: int, query: str = "official"):
+        """
+        Args:
+            d_model: C.
+            num_proposals: K, the proposals kept.
+            query: one of ``TWO_STAGE_QUERIES``: how the proposals are ranked and their
+                content queries made (see the module docstring).
+        """
         super().__init__()
+        if query not in TWO_STAGE_QUERIES:
+            raise ValueError(f"query={query!r}; expected one of {TWO_STAGE_QUERIES}")
         self.num_proposals = num_proposals
+        self.query = query
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
-        self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
-        self.pos_trans_norm = nn.LayerNorm(2 * d_model)
+        if query == "official":
+            self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
+            self.pos_trans_norm = nn.LayerNorm(2 * d_model)
         self.d_model = d_model
 
     def forward(
@@ -85,7 +108,8 @@ class EncoderProposals(nn.Module):
         Args:
             memory, padding_mask, spatial_shapes: as for :func:`encoder_output_proposals`.
             class_head: ``(..., C) -> (..., K_cls)`` scores of the proposals (the first class
-                ranks them, as in Deformable DETR; training makes it class-agnostic).
+                ranks them, as in Deformable DETR, or the best class with
+                ``"encoder_content"``; training makes it class-agnostic).
             box_head: ``(..., C) -> (..., 4)`` deltas added to the proposals.
 
         Returns:
@@ -99,11 +123,16 @@ class EncoderProposals(nn.Module):
         enc_logits = class_head(output)
         enc_unact = box_head(output) + proposals  # (B, S, 4), inf at invalid proposals
         k = min(self.num_proposals, enc_logits.shape[1])
-        # rank by the first class, as Deformable DETR; padding and border proposals (inf) last,
-        # so that an image's anchors do not depend on what it is batched with
-        score = enc_logits[..., 0].masked_fill(torch.isinf(proposals).any(-1), float("-inf"))
+        score = enc_logits[..., 0] if self.query == "official" else enc_logits.max(-1).values
+        # padding and border proposals (inf) last, so that an image's anchors do not depend on
+        # what it is batched with (Deformable DETR and detrex rank them by their score)
+        score = score.masked_fill(torch.isinf(proposals).any(-1), float("-inf"))
         top = score.topk(k, dim=1).indices  # (B, K)
         top_unact = torch.gather(enc_unact, 1, top.unsqueeze(-1).expand(-1, -1, 4)).detach()
+        if self.query == "encoder_content":
+            # the selected tokens' rows of the projected memory: (B, K, C)
+            tgt = torch.gather(output, 1, top.unsqueeze(-1).expand(-1, -1, self.d_model))
+            return tgt.detach(), top_unact.sigmoid(), enc_logits, enc_unact.sigmoid()
         # the sine embedding of the (x, y, w, h) proposal, 128 channels each: (B, K, 4C / 2)
         embed = sine_features(top_unact.sigmoid() * (2 * math.pi), self.d_model // 2, 10000.0)
         embed = self.pos_trans_norm(self.pos_trans(embed.flatten(-2)))

@@ -19,7 +19,7 @@ from torch import nn
 
 from ...layers import MLP, PositionEmbeddingSine, copy_first_parameters
 from ..criterion import SetCriterion
-from ..deformable_transformer import DABDeformableTransformer
+from ..deformable_transformer import TWO_STAGE_QUERIES, DABDeformableTransformer
 from .base import (
     SetPredictionDetector,
     build_set_criterion,
@@ -149,6 +149,7 @@ class DABDeformableDETR(SetPredictionDetector):
             enc_n_points=d.DEFORMABLE.ENC_N_POINTS,
             dec_n_points=d.DEFORMABLE.DEC_N_POINTS,
             two_stage_num_proposals=d.NUM_QUERIES if two_stage else 0,
+            two_stage_query=d.DEFORMABLE.TWO_STAGE_QUERY,
         )
         return {
             "backbone": backbone,
@@ -254,6 +255,9 @@ def _check_config(cfg, num_backbone_levels: int) -> None:
             f"({levels}) backbone maps"
         )
     check_depths(cfg)
+    if d.DEFORMABLE.TWO_STAGE_QUERY not in TWO_STAGE_QUERIES:
+        raise ValueError(f"MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE_QUERY="
+                         f"{d.DEFORMABLE.TWO_STAGE_QUERY!r}; expected one of {TWO_STAGE_QUERIES}")
     if d.ACTIVATION not in ACTIVATIONS:
         raise ValueError(f"MODEL.DAB_DETR.ACTIVATION={d.ACTIVATION!r}; expected one of "
                          f"{sorted(ACTIVATIONS)}")
