@@ -138,8 +138,9 @@ def test_weights_errors_name_the_file(tmp_path):
     checkpointer = DabDetrCheckpointer(model)
     with pytest.raises(InputFileNotFoundError, match="weights file .*missing.pth does not exist"):
         checkpointer.load(str(tmp_path / "missing.pth"), checkpointables=[])
-    with pytest.raises(InputValueError, match="is a folder"):
-        checkpointer.load(str(tmp_path), checkpointables=[])
+    with pytest.raises(InputFileNotFoundError,
+                       match="has neither model.safetensors nor pytorch_model.bin"):
+        checkpointer.load(str(tmp_path), checkpointables=[])  # a folder without weights
     with pytest.raises(InputValueError, match="truncated.pth"):
         checkpointer.load(str(truncated), checkpointables=[])
     checkpointer.load(str(tmp_path / "good.pth"), checkpointables=[])  # the good file loads

@@ -253,12 +253,18 @@ def _torchvision(tmp_path: Path) -> Tuple[Path, List[str], StateDict]:
     return path, R18_RES5, convert("torchvision", str(path), small_cfg(*R18_RES5))
 
 
+def _folder_of(path: Path, opts: List[str], expected: StateDict):
+    return path.parent, opts, expected
+
+
 # case -> (layout logged, how its file is made)
 LAYOUT_FILES = {
     "dab_detr": ("dab_detr", _own),
     "official": ("official", lambda tmp: _official(tmp, fixed_anchor_centres=False)),
     "official-fixxy": ("official", lambda tmp: _official(tmp, fixed_anchor_centres=True)),
     "transformers": ("transformers", _transformers),
+    # the folder save_pretrained wrote, as a user passes it
+    "transformers-folder": ("transformers", lambda tmp: _folder_of(*_transformers(tmp))),
     "torchvision": ("torchvision", _torchvision),
 }
 

@@ -36,7 +36,7 @@ from ..utils.user_errors import InputFileNotFoundError, InputValueError
 from .arch_record import ARCH_KEY, plain
 from .conversion import convert_state_dict, detect_layout, state_dict_of
 from .renaming import ClassCountError, StateDict, map_class_head
-from .safe_load import load_restricted_pickle, load_state_dict_file
+from .safe_load import load_restricted_pickle, load_state_dict_file, resolve_weight_file
 
 __all__ = ["CLASS_HEAD_PREFIX", "DabDetrCheckpointer", "TRAINING_MODEL_KEY"]
 
@@ -100,13 +100,9 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             path = base + (f"?{'&'.join(rest)}" if rest else "")
         if path and "://" in path:
             path = self._local_copy(path)
+        if path and os.path.isdir(path):  # a transformers model folder: its weight file
+            path = resolve_weight_file(path)
         if path and not os.path.isfile(path):
-            if os.path.isdir(path):
-                raise InputValueError(
-                    f"weights {path} is a folder: give a weights file (a transformers model "
-                    "folder is converted first: python -m dab_detr.convert --source "
-                    "transformers --config-file CONFIG FOLDER OUT.pth)"
-                )
             raise InputFileNotFoundError(
                 f"weights file {path} does not exist (MODEL.WEIGHTS takes a file or a URL)"
             )

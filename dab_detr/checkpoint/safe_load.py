@@ -21,7 +21,12 @@ import torch
 
 from ..utils.user_errors import InputFileNotFoundError, InputValueError
 
-__all__ = ["load_state_dict_file", "load_restricted_pickle", "UnsafeCheckpointError"]
+__all__ = [
+    "UnsafeCheckpointError",
+    "load_restricted_pickle",
+    "load_state_dict_file",
+    "resolve_weight_file",
+]
 
 
 class UnsafeCheckpointError(InputValueError):
@@ -94,8 +99,8 @@ def load_restricted_pickle(path: str) -> Any:
         raise InputValueError(f"{path}: not a readable weight pickle ({e})") from None
 
 
-def _resolve(path: str) -> str:
-    """A transformers model directory -> its weight file."""
+def resolve_weight_file(path: str) -> str:
+    """``path`` itself, or for a transformers model directory its weight file."""
     if not os.path.isdir(path):
         if not os.path.exists(path):
             raise InputFileNotFoundError(f"no such checkpoint: {path}")
@@ -140,7 +145,7 @@ def load_state_dict_file(path: str) -> Dict[str, Any]:
     ``"model"`` dict of a ``.pkl`` file (the whole dict if it has none) with its numpy arrays
     turned into tensors.
     """
-    path = _resolve(path)
+    path = resolve_weight_file(path)
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
