@@ -37,6 +37,7 @@ VERIFIED_LAYOUTS = {
     "COCO-Detection/dab_deformable_detr_R_50_two_stage_50ep.yaml":
         "dab_deformable_detr_r50_two_stage",
     "COCO-Detection/dn_dab_detr_R_50_50ep.yaml": "dn_detr_r50",
+    "COCO-Detection/dn_dab_deformable_detr_R_50_50ep.yaml": "dn_deformable_detr_r50",
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,8 @@ parts are numbered in the order the layer applies them (``attentions.N``, ``ffns
 - DAB-DETR R50-DC5 uses torchvision's ResNet (under ``backbone.body.``), the other models
   Detectron2's, whose names this project shares.
 
-Supported: DAB-DETR (R50, R50-DC5), DN-DETR and one- and two-stage DAB-Deformable-DETR.
+Supported: DAB-DETR (R50, R50-DC5), DN-DETR, DN-Deformable-DETR and one- and two-stage
+DAB-Deformable-DETR.
 detrex's two-stage model is this project's with ``DEFORMABLE.TWO_STAGE_QUERY
 "encoder_content"`` (``configs/COCO-Detection/dab_deformable_detr_R_50_two_stage_50ep.yaml``):
 its ``transformer.enc_output`` and ``enc_output_norm`` become ``transformer.proposals.*``, and

@@ -36,6 +36,9 @@ RELEASED_WEIGHTS: Dict[str, ReleasedWeights] = {
         f"{DETREX_STORAGE}/v0.2.0/dab_deformable_detr_r50_two_stage_49_7AP.pth", 49.7, _DETREX),
     "COCO-Detection/dn_dab_detr_R_50_50ep.yaml": ReleasedWeights(
         f"{DETREX_STORAGE}/v0.1.0/dn_detr_r50_50ep.pth", 44.7, _DETREX),
+    # DN-DETR's official "v2" weights, renamed by detrex into its layout
+    "COCO-Detection/dn_dab_deformable_detr_R_50_50ep.yaml": ReleasedWeights(
+        f"{DETREX_STORAGE}/v0.1.0/converted_dn_deformable_detr_r50_50ep.pth", 49.5, _DETREX),
 }
 
 # Where the official checkpoints of the other configs are, by config name prefix (first match)
