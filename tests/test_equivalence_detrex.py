@@ -1,7 +1,8 @@
 """This project's models against IDEA-Research/detrex's: the outputs of every decoder layer, for
 weights rebuilt by the rule of the reference data (``detrex_reference.py``), saved as detrex's
-training saves them, converted as a user would (``python -m dab_detr.convert --source detrex
---config-file ...``) and loaded with ``DabDetrCheckpointer``.
+training saves them, and loaded as a user would: the file as it is through ``MODEL.WEIGHTS``
+(``DabDetrCheckpointer`` recognises detrex's layout), which must give every tensor of
+``python -m dab_detr.convert --source detrex --config-file ...``.
 
 The models run in float64, as the reference did, with the stock 80-class COCO configs: their
 preprocessing (RGB, ImageNet mean and std in 0-255 units), position-encoding temperatures
@@ -75,22 +76,30 @@ def model_name(request) -> str:
 
 
 @pytest.fixture(scope="module")
-def converted_file(workdir: Path, model_name: str) -> Path:
-    """The rebuilt weights in detrex's file layout, converted by the command line."""
-    source, target = workdir / f"{model_name}_detrex.pth", workdir / f"{model_name}.pth"
+def detrex_file(workdir: Path, model_name: str) -> Iterator[Path]:
+    """The rebuilt weights, saved as detrex's training saves a checkpoint."""
+    path = workdir / f"{model_name}_detrex.pth"
     sd = detrex_state_dict(os.path.join(REFERENCE_DIR, f"{model_name}.json"))
-    torch.save(detrex_checkpoint(sd), source)
+    torch.save(detrex_checkpoint(sd), path)
+    yield path
+    path.unlink()
+
+
+@pytest.fixture(scope="module")
+def converted_file(workdir: Path, model_name: str, detrex_file: Path) -> Path:
+    """The detrex file converted by the command line."""
+    target = workdir / f"{model_name}.pth"
     convert_main(["--source", "detrex", "--config-file", config_path(MODELS[model_name]),
-                  str(source), str(target)])
-    source.unlink()
+                  str(detrex_file), str(target)])
     return target
 
 
 @pytest.fixture(scope="module")
-def model(model_name: str, converted_file: Path) -> torch.nn.Module:
-    """The project's model with the converted weights, in float64, eval mode."""
+def model(model_name: str, detrex_file: Path) -> torch.nn.Module:
+    """The project's model with the detrex file as it is in ``MODEL.WEIGHTS`` (recognised and
+    converted while loading), in float64, eval mode."""
     cfg = get_dab_detr_cfg(config_path(MODELS[model_name]),
-                           ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(converted_file)])
+                           ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(detrex_file)])
     # detrex's preprocessing: RGB, (x - mean) / std with ImageNet's values in 0-255 units
     assert cfg.INPUT.FORMAT == "RGB"
     assert list(cfg.MODEL.PIXEL_MEAN) == [123.675, 116.280, 103.530]
@@ -110,7 +119,8 @@ def predict(model: torch.nn.Module) -> Callable[[str], Prediction]:
 
 
 def test_checkpointer_loads_every_tensor(model, converted_file):
-    """Every tensor of the model is the converted one, unrounded in float64."""
+    """The detrex file loaded as it is gives every tensor of the command line's conversion,
+    unrounded in float64."""
     converted = torch.load(converted_file, map_location="cpu", weights_only=True)["model"]
     state = model.state_dict()
     assert not converted.keys() - state.keys()
