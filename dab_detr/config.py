@@ -63,6 +63,9 @@ def add_dab_detr_config(cfg: CN) -> None:
     d.CLASS_WEIGHT = 1.0
     d.BBOX_WEIGHT = 5.0
     d.GIOU_WEIGHT = 2.0
+    # DETR only (MODEL.META_ARCHITECTURE "DETR", softmax over NUM_CLASSES + 1 classes): the
+    # weight of the "no object" class in the class loss (DETR's eos_coef).
+    d.NO_OBJECT_WEIGHT = 0.1
     # Focal loss parameters (used by the loss and by the matcher's class cost).
     d.FOCAL_ALPHA = 0.25
     d.FOCAL_GAMMA = 2.0
@@ -70,6 +73,13 @@ def add_dab_detr_config(cfg: CN) -> None:
     d.SET_COST_CLASS = 2.0
     d.SET_COST_BBOX = 5.0
     d.SET_COST_GIOU = 2.0
+
+    # The baselines read the keys above too. DETR (META_ARCHITECTURE "DETR") and Conditional
+    # DETR ("ConditionalDETR") use NUM_QUERIES as their learned queries; of DAB-DETR's own
+    # switches, QUERY_DIM, MODULATE_HW_ATTN and ITER_UPDATE have no effect on them (Conditional
+    # DETR: 2-D reference points, fixed, unmodulated; DETR: none), KEEP_QUERY_POS applies to
+    # Conditional DETR only, and NUM_PATTERNS, RANDOM_REFPOINTS_XY, BBOX_EMBED_DIFF_EACH_LAYER
+    # and DN.ENABLED are refused.
 
     # Denoising training (DN-DETR, Li et al., CVPR 2022) for both meta-architectures: noised
     # copies of the ground truth as extra decoder queries that reconstruct their object.

@@ -19,12 +19,14 @@ import numpy as np
 import torch
 
 __all__ = [
-    "INITS", "REFERENCE_DIR", "load_images", "load_outputs", "official_state_dict",
+    "DETR_REFERENCE_DIR", "INITS", "REFERENCE_DIR", "load_images", "load_outputs", "official_state_dict",
     "stack_layers",
 ]
 
 # The official outputs and their README (copied from the project's shared reference folder).
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "official_outputs")
+# The same for DETR and Conditional DETR (facebookresearch/detr, Atten4Vis/ConditionalDETR).
+DETR_REFERENCE_DIR = os.path.join(os.path.dirname(REFERENCE_DIR), "detr_outputs")
 
 # init kind -> value of the tensor from z ~ N(0, 1) of its shape (the README's table)
 INITS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

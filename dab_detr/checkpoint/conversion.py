@@ -3,8 +3,9 @@
 
 Sources:
   official      ``{"model": state_dict, ...}`` checkpoints of IDEA-Research/DAB-DETR (DAB-DETR,
-                DAB-Deformable-DETR) and IDEA-Research/DN-DETR (their DN models), released
-                or written by the ``main.py`` of either.
+                DAB-Deformable-DETR), IDEA-Research/DN-DETR (their DN models),
+                facebookresearch/detr (DETR) and Atten4Vis/ConditionalDETR, released or
+                written by the ``main.py`` of any of them.
   transformers  ``DabDetrForObjectDetection`` weights: a directory, ``.safetensors`` or ``.bin``.
   torchvision   an ImageNet ResNet state dict, for ``MODEL.WEIGHTS`` when training on COCO.
   detrex        ``{"model": state_dict, ...}`` checkpoints of IDEA-Research/detrex: DAB-DETR
@@ -37,7 +38,8 @@ from .safe_load import load_state_dict_file
 
 __all__ = [
     "CONVERTERS", "check_against_config", "convert", "convert_official", "convert_state_dict",
-    "convert_torchvision", "convert_transformers", "detect_layout", "state_dict_of",
+    "convert_torchvision", "convert_transformers", "detect_layout", "official_model",
+    "state_dict_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,12 +76,34 @@ _TRANSFORMERS_RULES: List[Rule] = [
 ]
 
 
+# a name only the official checkpoints of each model have -> the model
+_OFFICIAL_MODELS = {
+    "refpoint_embed.weight": "DAB-DETR",  # DAB-DETR, DAB-Deformable-DETR and DN-DETR's
+    "transformer.decoder.layers.0.multihead_attn.in_proj_weight": "DETR",
+    "transformer.decoder.ref_point_head.layers.1.weight": "Conditional DETR",
+}
+
+
+def official_model(sd: StateDict) -> str:
+    """Which official model's checkpoint ``sd`` is: ``"DAB-DETR"`` (the DAB-DETR and DN-DETR
+    repositories' models), ``"DETR"`` or ``"Conditional DETR"``."""
+    for key, model in _OFFICIAL_MODELS.items():
+        if key in sd:
+            return model
+    found = ", ".join(list(sd)[:5])
+    raise InputValueError(
+        "not a checkpoint of the official DAB-DETR, DN-DETR, DETR or Conditional DETR code: it "
+        f"has none of {', '.join(repr(k) for k in _OFFICIAL_MODELS)} (first keys: {found})"
+    )
+
+
 def convert_official(sd: StateDict, num_classes: Optional[int] = 80) -> StateDict:
-    """Checkpoint released with the paper (DAB-DETR or DAB-Deformable-DETR) -> this project's
-    names: the ResNet's are Detectron2's, the others are kept. The class heads are laid out for
-    ``num_classes`` (None: kept as they are)."""
+    """Checkpoint released with a paper (DAB-DETR, DAB-Deformable-DETR, their DN-DETR models,
+    DETR or Conditional DETR) -> this project's names: the ResNet's are Detectron2's, the
+    others are kept (the models here use the official names). The class heads are laid out for
+    ``num_classes`` (None: kept as they are); DETR's keeps its "no object" row last."""
     sd = sd.get("model", sd)
-    require(sd, "refpoint_embed.weight", "a DAB-DETR checkpoint of the official repository")
+    model = official_model(sd)
     out = convert_resnet(sd, "backbone.0.body.")
     out.update({k: v for k, v in sd.items() if not k.startswith("backbone.")})
     # The decoder's box heads are the detector's (one module under two names). A checkpoint
@@ -88,7 +112,7 @@ def convert_official(sd: StateDict, num_classes: Optional[int] = 80) -> StateDic
     for k in [k for k in out if k.startswith("bbox_embed.")]:
         if "transformer.decoder." + k in out:
             out["transformer.decoder." + k] = out[k]
-    map_class_head(out, num_classes)
+    map_class_head(out, num_classes, no_object=model == "DETR")
     return out
 
 
@@ -143,7 +167,8 @@ CONVERTERS: Dict[str, Callable[..., StateDict]] = {
 # buffers (after the ``module.`` prefix of a model saved inside DDP, if any)
 _OWN_NAMES = re.compile(
     r"(?:module\.)?(?:(?:backbone\.(?:stem|res[2-5])|transformer|input_proj|class_embed"
-    r"|bbox_embed|refpoint_embed|tgt_embed|label_enc)\..+|refpoint_xy|pixel_mean|pixel_std)"
+    r"|bbox_embed|refpoint_embed|query_embed|tgt_embed|label_enc)\..+|refpoint_xy|pixel_mean"
+    r"|pixel_std)"
 )
 # layout -> a name (re.fullmatch) that only its files have
 _LAYOUT_NAMES = {

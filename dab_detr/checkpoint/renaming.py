@@ -82,21 +82,23 @@ def _class_rows(name: str, rows: int, num_classes: int) -> Optional[torch.Tensor
     )
 
 
-def _label_rows(rows: int, num_classes: int) -> Optional[torch.Tensor]:
-    """As :func:`_class_rows`, for DN-DETR's label embedding (one more row: "no object")."""
+def _rows_with_no_object(name: str, rows: int, num_classes: int) -> Optional[torch.Tensor]:
+    """As :func:`_class_rows`, for a head with one more row, the last "no object" (DETR's class
+    head, DN-DETR's label embedding)."""
     if rows == num_classes + 1:
         return None
     if rows == 92 and num_classes == 80:
         return torch.as_tensor(coco_class_rows() + [91])  # the 80 classes, "no object"
-    raise ClassCountError(f"label_enc.weight has {rows} rows; cannot map them to "
+    raise ClassCountError(f"{name} has {rows} rows; cannot map them to "
                           f"NUM_CLASSES={num_classes} (it needs NUM_CLASSES + 1)")
 
 
-def map_class_head(sd: StateDict, num_classes: Optional[int]) -> None:
-    """Rows of every class head (``class_embed.*``: one, or one per layer; ``(K, C)`` weights)
-    for ``num_classes``, and of DN-DETR's label embedding (``label_enc.weight``: one row per
-    class, then "no object"). A head of ``num_classes`` rows is kept as it is, and so is every
-    head when ``num_classes`` is None.
+def map_class_head(sd: StateDict, num_classes: Optional[int], no_object: bool = False) -> None:
+    """Rows of every class head (``class_embed.*``: one, or one per layer; ``(K, C)`` weights,
+    with ``no_object`` (DETR) ``(K + 1, C)``, the last row "no object") for ``num_classes``, and
+    of DN-DETR's label embedding (``label_enc.weight``: one row per class, then "no object").
+    A head of the model's row count is kept as it is, and so is every head when
+    ``num_classes`` is None.
 
     Raises:
         ClassCountError: a head has a count it cannot be mapped from; ``sd`` is unchanged.
@@ -106,9 +108,11 @@ def map_class_head(sd: StateDict, num_classes: Optional[int]) -> None:
         raise InputValueError(f"no class head (class_embed.*) among {len(sd)} tensors")
     if num_classes is None:
         return
-    index = {name: _class_rows(name, sd[name].shape[0], num_classes) for name in names}
+    head_rows = _rows_with_no_object if no_object else _class_rows
+    index = {name: head_rows(name, sd[name].shape[0], num_classes) for name in names}
     if "label_enc.weight" in sd:
-        index["label_enc.weight"] = _label_rows(sd["label_enc.weight"].shape[0], num_classes)
+        index["label_enc.weight"] = _rows_with_no_object(
+            "label_enc.weight", sd["label_enc.weight"].shape[0], num_classes)
     for name, rows in index.items():  # all checked first: nothing changed if one raises
         if rows is not None:
             sd[name] = sd[name][rows]

@@ -5,6 +5,7 @@ position encodings, the MLP and box operations."""
 from .attention import (
     Attention,
     EncoderSelfAttention,
+    PackedAttention,
     key_padding_to_attn_mask,
     multi_head_attention,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "Attention",
     "EncoderSelfAttention",
     "MSDeformAttn",
+    "PackedAttention",
     "PositionEmbeddingSine",
     "SpatialShapes",
     "box_sine_embedding",

@@ -4,8 +4,9 @@ DAB-DETR's attentions project their inputs outside the attention (content and po
 separately), and its cross-attention has queries and keys twice as wide as its values
 (each head concatenates a content and a positional part). ``Attention`` takes projected
 tensors of any such widths (narrower values are zero-padded so that the fused kernel, which
-never materialises the attention weights, applies); ``EncoderSelfAttention`` adds the
-encoder's packed projections.
+never materialises the attention weights, applies); ``PackedAttention`` adds DETR's packed
+projections (``nn.MultiheadAttention``'s names), and ``EncoderSelfAttention`` its
+self-attention, positions added to queries and keys.
 
 Shapes: B batch, Nq queries, Nk keys, h heads, E query/key width, V value width.
 """
@@ -16,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Attention", "EncoderSelfAttention", "key_padding_to_attn_mask"]
+__all__ = [
+    "Attention", "EncoderSelfAttention", "PackedAttention", "key_padding_to_attn_mask",
+    "multi_head_attention",
+]
 
 
 def key_padding_to_attn_mask(key_padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -98,12 +102,10 @@ class Attention(nn.Module):
         return self.out_proj(out)
 
 
-class EncoderSelfAttention(Attention):
-    """DETR encoder self-attention: queries and keys from ``x + pos``, values from ``x``.
-
-    The projections are packed in one ``in_proj_weight`` (q, k, v rows), the layout of
-    ``nn.MultiheadAttention`` and of the released checkpoints.
-    """
+class PackedAttention(Attention):
+    """``nn.MultiheadAttention``'s computation with its names: queries, keys and values
+    projected by the rows of one packed ``in_proj_weight`` (q, k, v rows, in that order), the
+    layout of DETR's attentions and of the released checkpoints."""
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__(embed_dim, num_heads, dropout)
@@ -111,6 +113,41 @@ class EncoderSelfAttention(Attention):
         # nn.MultiheadAttention's initialisation
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
         nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def project(self, x: torch.Tensor, part: slice) -> torch.Tensor:
+        """``x`` through the packed rows ``part`` (``slice(0, C)``: q, ``slice(C, 2C)``: k,
+        ``slice(2C, 3C)``: v; ``slice(0, 2C)``: q and k at once)."""
+        return F.linear(x, self.in_proj_weight[part], self.in_proj_bias[part])
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            query: ``(B, Nq, C)`` before the projection (DETR's decoder: content plus query
+                position).
+            key: ``(B, Nk, C)`` before the projection (memory plus image position).
+            value: ``(B, Nk, C)`` before the projection.
+            attn_mask: bool, broadcastable to ``(B, h, Nq, Nk)``, True where a key may be
+                attended, or None.
+
+        Returns:
+            ``(B, Nq, C)``.
+        """
+        c = query.shape[-1]
+        q = self.project(query, slice(0, c))
+        k = self.project(key, slice(c, 2 * c))
+        v = self.project(value, slice(2 * c, 3 * c))
+        return super().forward(q, k, v, attn_mask)
+
+
+class EncoderSelfAttention(PackedAttention):
+    """DETR's self-attention (its encoder's, and its decoder's over the queries): queries and
+    keys from ``x + pos``, values from ``x``, through packed projections."""
 
     def forward(
         self, x: torch.Tensor, pos: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
@@ -127,7 +164,6 @@ class EncoderSelfAttention(Attention):
         """
         c = x.shape[-1]
         # one matmul for q and k, which share their input
-        qk = F.linear(x + pos, self.in_proj_weight[: 2 * c], self.in_proj_bias[: 2 * c])
-        q, k = qk.split(c, dim=-1)
-        v = F.linear(x, self.in_proj_weight[2 * c :], self.in_proj_bias[2 * c :])
-        return super().forward(q, k, v, attn_mask)
+        q, k = self.project(x + pos, slice(0, 2 * c)).split(c, dim=-1)
+        v = self.project(x, slice(2 * c, 3 * c))
+        return Attention.forward(self, q, k, v, attn_mask)

@@ -25,7 +25,9 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def refine_boxes(reference: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def refine_boxes(
+    reference: torch.Tensor, delta: torch.Tensor, eps: float = 1e-3
+) -> torch.Tensor:
     """The anchor update of DAB-DETR (and of Deformable DETR's box refinement):
     ``sigmoid(delta + inverse_sigmoid(reference))`` on the reference's coordinates.
 
@@ -39,5 +41,5 @@ def refine_boxes(reference: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         ``(..., 4)`` refined boxes, cxcywh in [0, 1].
     """
     d = reference.shape[-1]
-    moved = delta[..., :d] + inverse_sigmoid(reference)
+    moved = delta[..., :d] + inverse_sigmoid(reference, eps)
     return torch.cat([moved, delta[..., d:]], -1).sigmoid()

@@ -1,5 +1,5 @@
-"""The set criterion of both families: sigmoid focal classification, L1 and GIoU box losses on
-Hungarian-matched pairs, for the final and every auxiliary decoder layer; on the same terms,
+"""The set criterion of every family: sigmoid focal classification (DETR: softmax
+cross-entropy with a "no object" class), L1 and GIoU box losses on Hungarian-matched pairs, for the final and every auxiliary decoder layer; on the same terms,
 the two-stage proposals (class-agnostic, ``_enc``) and the denoising queries (their own
 objects, no matching, ``_dn``).
 
@@ -7,7 +7,7 @@ Shapes: B batch, NQ queries, K classes, N_i target boxes of image i. Boxes are c
 normalised to [0, 1].
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,7 @@ class SetCriterion(nn.Module):
         weight_dict: Dict[str, float],
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        no_object_weight: Optional[float] = None,
     ):
         """
         Args:
@@ -41,6 +42,10 @@ class SetCriterion(nn.Module):
                 copies: auxiliary ``loss_ce_0``, ... (one suffix per decoder layer but the
                 last), proposals ``loss_ce_enc``, denoising ``loss_ce_dn``, ``loss_ce_dn_0``...
             focal_alpha, focal_gamma: focal-loss parameters.
+            no_object_weight: DETR: the logits have K + 1 columns, the last "no object", the
+                class of every unmatched query; the class loss is their softmax
+                cross-entropy, that class weighted by this (0.1), averaged over the queries'
+                weights. None: sigmoid focal loss over K columns.
         """
         super().__init__()
         self.num_classes = num_classes
@@ -48,11 +53,19 @@ class SetCriterion(nn.Module):
         self.weight_dict = weight_dict
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.no_object_weight = no_object_weight
+        if no_object_weight is not None:
+            class_weight = torch.ones(num_classes + 1)
+            class_weight[-1] = no_object_weight
+            self.register_buffer("class_weight", class_weight, persistent=False)
 
     def loss_labels(self, outputs, targets, indices: Indices, num_boxes: float):
         """Sigmoid focal loss against one-hot targets (all zeros for unmatched queries),
-        summed over queries and classes and divided by the number of target boxes."""
-        logits = outputs["pred_logits"]  # (B, NQ, K)
+        summed over queries and classes and divided by the number of target boxes; with
+        ``no_object_weight``, DETR's weighted softmax cross-entropy."""
+        logits = outputs["pred_logits"]  # (B, NQ, K), or K + 1 with no_object_weight
+        if self.no_object_weight is not None:
+            return {"loss_ce": self._softmax_loss(logits, targets, indices)}
         target = torch.zeros_like(logits)
         batch_idx, query_idx = _flat_indices(indices)
         labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
@@ -61,6 +74,17 @@ class SetCriterion(nn.Module):
             logits, target, self.focal_alpha, self.focal_gamma, reduction="sum"
         )
         return {"loss_ce": loss / num_boxes}
+
+    def _softmax_loss(self, logits: torch.Tensor, targets, indices: Indices) -> torch.Tensor:
+        """DETR's class loss: every query's target is its matched object's class, or K ("no
+        object"); cross-entropy weighted by ``class_weight``, averaged over those weights."""
+        target = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64,
+                            device=logits.device)
+        batch_idx, query_idx = _flat_indices(indices)
+        target[batch_idx, query_idx] = torch.cat(
+            [t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        weight = self.class_weight.to(logits.dtype)
+        return F.cross_entropy(logits.transpose(1, 2), target, weight)
 
     def loss_boxes(self, outputs, targets, indices: Indices, num_boxes: float):
         """L1 and GIoU losses of the matched boxes, summed and divided by the box count."""

@@ -1,4 +1,5 @@
-"""Hungarian matching of predictions to ground truth, with DAB-DETR's focal class cost.
+"""Hungarian matching of predictions to ground truth, with DAB-DETR's focal class cost or
+DETR's softmax one.
 
 Shapes: B batch, NQ queries, K classes, N_i target boxes of image i, N = sum_i N_i.
 Boxes are cxcywh normalised to [0, 1].
@@ -15,7 +16,8 @@ __all__ = ["HungarianMatcher"]
 
 
 class HungarianMatcher(nn.Module):
-    """One-to-one assignment minimising ``w_class * focal + w_bbox * L1 - w_giou * GIoU``."""
+    """One-to-one assignment minimising ``w_class * focal + w_bbox * L1 - w_giou * GIoU``
+    (with ``softmax``, DETR's ``-w_class * p(class)`` in place of the focal term)."""
 
     def __init__(
         self,
@@ -24,7 +26,15 @@ class HungarianMatcher(nn.Module):
         cost_giou: float = 2.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        softmax: bool = False,
     ):
+        """
+        Args:
+            cost_class, cost_bbox, cost_giou: weights of the three costs.
+            focal_alpha, focal_gamma: of the focal class cost.
+            softmax: DETR: the logits have K + 1 columns (the last: "no object") and the
+                class cost is minus the softmax probability of the target class.
+        """
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all matcher costs are 0")
@@ -33,6 +43,18 @@ class HungarianMatcher(nn.Module):
         self.cost_giou = cost_giou
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.softmax = softmax
+
+    def class_cost(self, pred_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``(M, N)`` unweighted class cost of ``(M, K)`` (K + 1 with ``softmax``) logits for
+        ``(N,)`` target classes."""
+        if self.softmax:
+            return -pred_logits.softmax(-1)[:, labels]
+        prob = pred_logits.sigmoid()[:, labels]  # (M, N)
+        a, g = self.focal_alpha, self.focal_gamma
+        neg = (1 - a) * prob**g * -(1 - prob + 1e-8).log()
+        pos = a * (1 - prob) ** g * -(prob + 1e-8).log()
+        return pos - neg
 
     def cost_matrix(
         self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, labels: torch.Tensor,
@@ -41,7 +63,7 @@ class HungarianMatcher(nn.Module):
         """Cost of assigning every prediction to every target.
 
         Args:
-            pred_logits: ``(M, K)`` class logits.
+            pred_logits: ``(M, K)`` class logits (``(M, K + 1)`` with ``softmax``).
             pred_boxes: ``(M, 4)`` predicted boxes.
             labels: ``(N,)`` target classes in [0, K).
             boxes: ``(N, 4)`` target boxes.
@@ -49,15 +71,12 @@ class HungarianMatcher(nn.Module):
         Returns:
             ``(M, N)`` costs.
         """
-        prob = pred_logits.sigmoid()[:, labels]  # (M, N)
-        a, g = self.focal_alpha, self.focal_gamma
-        neg = (1 - a) * prob**g * -(1 - prob + 1e-8).log()
-        pos = a * (1 - prob) ** g * -(prob + 1e-8).log()
         cost_bbox = torch.cdist(pred_boxes, boxes, p=1)
         giou = generalized_box_iou(
             box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(boxes, "cxcywh", "xyxy")
         )
-        return self.cost_class * (pos - neg) + self.cost_bbox * cost_bbox - self.cost_giou * giou
+        return (self.cost_class * self.class_cost(pred_logits, labels)
+                + self.cost_bbox * cost_bbox - self.cost_giou * giou)
 
     @torch.no_grad()
     def forward(

@@ -4,5 +4,6 @@ and the backbone builder they use. The only model files that import Detectron2."
 from . import backbone  # noqa: F401  (import registers build_dab_detr_resnet_backbone)
 from .dab_deformable_detr import DABDeformableDETR  # import registers it
 from .dab_detr import DABDETR  # import registers the meta-architecture
+from .detr import DETR, ConditionalDETR  # import registers them
 
-__all__ = ["DABDETR", "DABDeformableDETR"]
+__all__ = ["DABDETR", "DABDeformableDETR", "ConditionalDETR", "DETR"]

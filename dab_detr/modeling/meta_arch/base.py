@@ -14,24 +14,31 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.modeling import detector_postprocess
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_backbone, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torchvision.ops import box_convert
 
-from ...layers import inverse_sigmoid
+from ...layers import PositionEmbeddingSine, inverse_sigmoid
 from ..criterion import SetCriterion
 from ..denoising import DenoisingQueries, make_denoising_queries
 from ..matcher import HungarianMatcher
 
 __all__ = [
+    "ACTIVATIONS",
     "SetPredictionDetector",
+    "SingleScaleDetector",
     "build_set_criterion",
     "check_depths",
     "denoising_from_config",
     "init_heads",
     "resize_padding_mask",
+    "single_scale_from_config",
 ]
+
+# MODEL.DAB_DETR.ACTIVATION -> the FFN activation
+ACTIVATIONS = {"prelu": nn.PReLU, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
 class SetPredictionDetector(nn.Module):
@@ -257,6 +264,49 @@ class SetPredictionDetector(nn.Module):
         return scores, index % k, box_convert(boxes, "cxcywh", "xyxy")
 
 
+class SingleScaleDetector(SetPredictionDetector):
+    """Base of the detectors on one feature map (DETR, Conditional DETR, DAB-DETR): the
+    backbone's ``in_feature`` map projected to the transformer's width by a 1x1 convolution
+    (``input_proj``), its padding mask and its sine position encoding."""
+
+    def __init__(
+        self,
+        *,
+        in_feature: str,
+        position_embedding: PositionEmbeddingSine,
+        hidden_dim: int,
+        **kwargs: Any,
+    ):
+        """
+        Args:
+            in_feature: the backbone output used.
+            position_embedding: sine encoding of the feature-map positions.
+            hidden_dim: C, the transformer's width.
+            kwargs: those of ``SetPredictionDetector``.
+        """
+        super().__init__(**kwargs)
+        self.in_feature = in_feature
+        self.position_embedding = position_embedding
+        in_channels = self.backbone.output_shape()[in_feature].channels
+        self.input_proj = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
+
+    def feature_map(self, images: ImageList) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The transformer's inputs from normalised images.
+
+        Returns:
+            src ``(B, C, H, W)`` the projected features, mask ``(B, H, W)`` bool (True at
+            padding) and pos ``(B, C, H, W)`` the position encoding, in the features' dtype.
+        """
+        # oneDNN's convolutions are faster on channels-last maps (and the flattened tokens
+        # then need no transposing copy); the results are the same up to rounding
+        pixels = images.tensor.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(pixels)[self.in_feature]
+        # The padding mask follows the features down: nearest-neighbour, as in DETR.
+        mask = resize_padding_mask(self.padding_mask(images), features.shape[-2:])
+        pos = self.position_embedding(mask).to(features.dtype)
+        return self.input_proj(features), mask, pos
+
+
 def resize_padding_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """A padding mask resized nearest-neighbour to a feature map's size, as DETR resizes it
     (``F.interpolate``'s default mode, whose results these are).
@@ -313,7 +363,9 @@ def init_heads(class_heads: List[nn.Linear], box_heads: List[nn.Module]) -> None
         nn.init.zeros_(head.layers[-1].bias)
 
 
-def build_set_criterion(cfg: CfgNode, extra_suffixes: List[str] = ()) -> SetCriterion:
+def build_set_criterion(
+    cfg: CfgNode, extra_suffixes: List[str] = (), no_object_class: bool = False
+) -> SetCriterion:
     """The matcher and criterion of ``MODEL.DAB_DETR``: focal, L1 and GIoU terms weighted by
     ``CLASS_WEIGHT``, ``BBOX_WEIGHT``, ``GIOU_WEIGHT`` for the last decoder layer and, with
     ``AUX_LOSS``, every earlier one (``loss_ce_0``, ...), and for each of ``extra_suffixes``
@@ -331,7 +383,8 @@ def build_set_criterion(cfg: CfgNode, extra_suffixes: List[str] = ()) -> SetCrit
         suffixes += ["dn"] + [f"dn_{i}" for i in layers]
     weights = dict(base)
     weights.update({f"{k}_{s}": w for s in suffixes for k, w in base.items()})
-    return SetCriterion(d.NUM_CLASSES, matcher, weights, d.FOCAL_ALPHA, d.FOCAL_GAMMA)
+    return SetCriterion(d.NUM_CLASSES, matcher, weights, d.FOCAL_ALPHA, d.FOCAL_GAMMA,
+                        no_object_weight=d.NO_OBJECT_WEIGHT if no_object_class else None)
 
 
 def denoising_from_config(cfg: CfgNode) -> Optional[Dict[str, Any]]:
@@ -357,3 +410,29 @@ def check_depths(cfg: CfgNode) -> None:
     for key, value, least in (("ENC_LAYERS", d.ENC_LAYERS, 0), ("DEC_LAYERS", d.DEC_LAYERS, 1)):
         if not isinstance(value, int) or value < least:
             raise ValueError(f"MODEL.DAB_DETR.{key}={value!r}; expected an integer >= {least}")
+
+
+def single_scale_from_config(cfg: CfgNode, model: str) -> Dict[str, Any]:
+    """What every single-map detector reads from ``cfg`` (``model`` names it in errors): its
+    backbone and ``in_feature``, the position encoding (``PE_TEMPERATURE_H/W``), ``aux_loss``,
+    ``num_select`` and the pixel normalisation; the layer counts and the activation checked."""
+    d = cfg.MODEL.DAB_DETR
+    backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
+    in_features = cfg.MODEL.RESNETS.OUT_FEATURES
+    if len(in_features) != 1:
+        raise ValueError(f"MODEL.RESNETS.OUT_FEATURES={in_features}: {model} uses one map")
+    check_depths(cfg)
+    if d.ACTIVATION not in ACTIVATIONS:
+        raise ValueError(f"MODEL.DAB_DETR.ACTIVATION={d.ACTIVATION!r}; expected one of "
+                         f"{sorted(ACTIVATIONS)}")
+    return {
+        "backbone": backbone,
+        "in_feature": in_features[0],
+        "position_embedding": PositionEmbeddingSine(
+            d.HIDDEN_DIM // 2, d.PE_TEMPERATURE_H, d.PE_TEMPERATURE_W
+        ),
+        "aux_loss": d.AUX_LOSS,
+        "num_select": d.NUM_SELECT,
+        "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+        "pixel_std": cfg.MODEL.PIXEL_STD,
+    }

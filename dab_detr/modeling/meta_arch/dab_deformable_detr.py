@@ -21,6 +21,7 @@ from ...layers import MLP, PositionEmbeddingSine, copy_first_parameters
 from ..criterion import SetCriterion
 from ..deformable_transformer import TWO_STAGE_QUERIES, DABDeformableTransformer
 from .base import (
+    ACTIVATIONS,
     SetPredictionDetector,
     build_set_criterion,
     check_depths,
@@ -28,7 +29,6 @@ from .base import (
     init_heads,
     resize_padding_mask,
 )
-from .dab_detr import ACTIVATIONS
 
 __all__ = ["DABDeformableDETR"]
 

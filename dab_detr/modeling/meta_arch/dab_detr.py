@@ -10,8 +10,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone
 from detectron2.structures import ImageList
 from torch import nn
 
@@ -19,22 +18,23 @@ from ...layers import MLP, PositionEmbeddingSine, refine_boxes
 from ..criterion import SetCriterion
 from ..transformer import DABTransformer
 from .base import (
-    SetPredictionDetector,
+    ACTIVATIONS,
+    SingleScaleDetector,
     build_set_criterion,
-    check_depths,
     denoising_from_config,
     init_heads,
-    resize_padding_mask,
+    single_scale_from_config,
 )
 
 __all__ = ["DABDETR"]
 
-ACTIVATIONS = {"prelu": nn.PReLU, "relu": nn.ReLU, "gelu": nn.GELU}
-
 
 @META_ARCH_REGISTRY.register()
-class DABDETR(SetPredictionDetector):
+class DABDETR(SingleScaleDetector):
     """DAB-DETR (Liu et al., ICLR 2022): DETR whose queries are dynamic anchor boxes."""
+
+    # the clamp of the inverse sigmoid through which the boxes refine the anchors
+    inverse_sigmoid_eps = 1e-3
 
     @configurable
     def __init__(
@@ -75,14 +75,12 @@ class DABDETR(SetPredictionDetector):
             num_select: detections kept per image, top-k over queries x classes.
             pixel_mean, pixel_std: per-channel normalisation, in the input channel order.
         """
-        super().__init__(backbone=backbone, criterion=criterion, aux_loss=aux_loss,
-                         num_select=num_select, pixel_mean=pixel_mean, pixel_std=pixel_std)
-        self.in_feature = in_feature
-        self.position_embedding = position_embedding
-        self.transformer = transformer
         hidden_dim = transformer.d_model
-        in_channels = backbone.output_shape()[in_feature].channels
-        self.input_proj = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
+        super().__init__(backbone=backbone, criterion=criterion, aux_loss=aux_loss,
+                         num_select=num_select, pixel_mean=pixel_mean, pixel_std=pixel_std,
+                         in_feature=in_feature, position_embedding=position_embedding,
+                         hidden_dim=hidden_dim)
+        self.transformer = transformer
         self.class_embed = nn.Linear(hidden_dim, num_classes)
         self._init_denoising(denoising, num_classes, hidden_dim)
         self.bbox_embed = bbox_embed
@@ -94,14 +92,7 @@ class DABDETR(SetPredictionDetector):
     @classmethod
     def from_config(cls, cfg) -> dict:
         d = cfg.MODEL.DAB_DETR
-        backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
-        in_features = cfg.MODEL.RESNETS.OUT_FEATURES
-        if len(in_features) != 1:
-            raise ValueError(f"MODEL.RESNETS.OUT_FEATURES={in_features}: DAB-DETR uses one map")
-        check_depths(cfg)
-        if d.ACTIVATION not in ACTIVATIONS:
-            raise ValueError(f"MODEL.DAB_DETR.ACTIVATION={d.ACTIVATION!r}; expected one of "
-                             f"{sorted(ACTIVATIONS)}")
+        common = single_scale_from_config(cfg, "DAB-DETR")
         if d.RANDOM_REFPOINTS_XY and d.QUERY_DIM != 4:
             raise ValueError("MODEL.DAB_DETR.RANDOM_REFPOINTS_XY needs QUERY_DIM = 4")
         if d.DN.ENABLED and d.QUERY_DIM != 4:
@@ -134,11 +125,7 @@ class DABDETR(SetPredictionDetector):
             bbox_embed=bbox_embed if d.ITER_UPDATE else None,
         )
         return {
-            "backbone": backbone,
-            "in_feature": in_features[0],
-            "position_embedding": PositionEmbeddingSine(
-                d.HIDDEN_DIM // 2, d.PE_TEMPERATURE_H, d.PE_TEMPERATURE_W
-            ),
+            **common,
             "transformer": transformer,
             "bbox_embed": bbox_embed,
             "num_classes": d.NUM_CLASSES,
@@ -147,10 +134,6 @@ class DABDETR(SetPredictionDetector):
             "random_refpoints_xy": d.RANDOM_REFPOINTS_XY,
             "denoising": denoising_from_config(cfg),
             "criterion": build_set_criterion(cfg),
-            "aux_loss": d.AUX_LOSS,
-            "num_select": d.NUM_SELECT,
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
         }
 
     def forward_predictions(
@@ -170,14 +153,8 @@ class DABDETR(SetPredictionDetector):
             with ``with_aux`` ``aux_outputs``, a list of such dicts for the other layers, and
             with denoising in training ``dn_outputs`` (``SetPredictionDetector.predictions``).
         """
-        # oneDNN's convolutions are faster on channels-last maps (and the flattened tokens
-        # then need no transposing copy); the results are the same up to rounding
-        pixels = images.tensor.contiguous(memory_format=torch.channels_last)
-        features = self.backbone(pixels)[self.in_feature]
-        # The padding mask follows the features down: nearest-neighbour, as in DETR.
-        mask = resize_padding_mask(self.padding_mask(images), features.shape[-2:])
-        pos = self.position_embedding(mask).to(features.dtype)
-        src, anchors = self.input_proj(features), self.anchors()
+        src, mask, pos = self.feature_map(images)
+        anchors = self.anchors()
         content, dn, extra = None, None, {}
         if self.denoising is not None:
             # DN-DAB-DETR: every matching query starts from the "no object" embedding, with the
@@ -203,4 +180,4 @@ class DABDETR(SetPredictionDetector):
             delta = torch.stack([head(h) for head, h in zip(heads, hs)])
         else:
             delta = self.bbox_embed(hs)
-        return refine_boxes(references, delta)
+        return refine_boxes(references, delta, self.inverse_sigmoid_eps)

@@ -5,6 +5,12 @@ In each layer the anchor's sine embedding gives the positional query (through
 height, the spatial part of the cross-attention query. Each head of the cross-attention
 concatenates a content part and a positional part, for the queries and for the keys.
 
+Conditional DETR's decoder (Meng et al., ICCV 2021), which DAB-DETR's grew from, is the same
+stack with three switches: 2-D reference points (``query_dim=2``) that are never refined
+(``bbox_embed=None``) and not modulated (``modulate_hw_attn=False``), and
+``learned_query_pos``: the positional queries are learned embeddings, and ``ref_point_head``
+maps them to the reference points instead of mapping the points' embedding to them.
+
 Shapes: B batch, NQ queries, HW memory tokens, C channels, h heads, D anchor dims
 (4: cxcywh, 2: cxcy), L layers. Anchors are normalised to [0, 1].
 """
@@ -147,6 +153,7 @@ class TransformerDecoder(nn.Module):
         keep_query_pos: bool = False,
         modulate_hw_attn: bool = True,
         bbox_embed: Optional[nn.Module] = None,
+        learned_query_pos: bool = False,
     ):
         """
         Args:
@@ -157,10 +164,17 @@ class TransformerDecoder(nn.Module):
             bbox_embed: box head (or ``nn.ModuleList`` of one per layer) whose output,
                 added to the inverse sigmoid of the anchors, gives the next layer's anchors;
                 None keeps the anchors fixed.
+            learned_query_pos: Conditional DETR: ``forward`` takes learned positional queries,
+                and ``ref_point_head`` (an MLP to D) maps them to the reference points (before
+                the sigmoid); False: ``forward`` takes the anchors, and ``ref_point_head`` maps
+                their sine embedding to the positional queries.
         """
         super().__init__()
         if modulate_hw_attn and query_dim != 4:
             raise ValueError("modulate_hw_attn needs 4D anchor boxes (query_dim=4)")
+        if learned_query_pos and bbox_embed is not None:
+            raise ValueError("learned_query_pos: the positional queries are learned, so the "
+                             "reference points cannot be refined (bbox_embed must be None)")
         self.layers = nn.ModuleList(
             TransformerDecoderLayer(
                 d_model, nhead, dim_feedforward, dropout, activation, i == 0 or keep_query_pos
@@ -171,7 +185,11 @@ class TransformerDecoder(nn.Module):
         self.d_model = d_model
         self.query_dim = query_dim
         self.query_scale = MLP(d_model, d_model, d_model, 2)
-        self.ref_point_head = MLP(query_dim // 2 * d_model, d_model, d_model, 2)
+        self.learned_query_pos = learned_query_pos
+        if learned_query_pos:
+            self.ref_point_head = MLP(d_model, d_model, query_dim, 2)
+        else:
+            self.ref_point_head = MLP(query_dim // 2 * d_model, d_model, d_model, 2)
         self.ref_anchor_head = MLP(d_model, d_model, 2, 2) if modulate_hw_attn else None
         self.bbox_embed = bbox_embed
 
@@ -216,7 +234,7 @@ class TransformerDecoder(nn.Module):
         tgt: torch.Tensor,
         memory: torch.Tensor,
         pos: torch.Tensor,
-        refpoints_unsigmoid: torch.Tensor,
+        queries: torch.Tensor,
         memory_mask: Optional[torch.Tensor],
         self_attn_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +243,8 @@ class TransformerDecoder(nn.Module):
             tgt: ``(B, NQ, C)`` initial content queries.
             memory: ``(B, HW, C)`` encoder output.
             pos: ``(B, HW, C)`` image position encoding.
-            refpoints_unsigmoid: ``(B, NQ, D)`` anchors before the sigmoid.
+            queries: ``(B, NQ, D)`` anchors before the sigmoid; with ``learned_query_pos``
+                ``(B, NQ, C)`` the learned positional queries.
             memory_mask: ``(B, 1, 1, HW)`` bool, True at tokens that may be attended.
             self_attn_mask: see ``TransformerDecoderLayer``.
 
@@ -234,14 +253,18 @@ class TransformerDecoder(nn.Module):
             references: ``(L, B, NQ, D)`` the anchors each layer's output refines (the
                 anchors fed to that layer, not detached); ``(1, B, NQ, D)`` without updates.
         """
-        anchors = refpoints_unsigmoid.sigmoid()
+        if self.learned_query_pos:
+            query_pos, anchors = queries, self.ref_point_head(queries).sigmoid()
+        else:
+            anchors = queries.sigmoid()
         references = [anchors]
         intermediate = []
         sine_embed = None
         for layer_id, layer in enumerate(self.layers):
             if sine_embed is None or self.bbox_embed is not None:
                 sine_embed = box_sine_embedding(anchors, self.d_model // 2)
-                query_pos = self.ref_point_head(sine_embed)
+                if not self.learned_query_pos:
+                    query_pos = self.ref_point_head(sine_embed)
             spatial = self.spatial_query(sine_embed, tgt, anchors, layer_id)
             tgt = layer(tgt, memory, pos, query_pos, spatial, memory_mask, self_attn_mask)
             # no layer uses anchors refined after the last one

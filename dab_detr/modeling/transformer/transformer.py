@@ -1,5 +1,7 @@
 """DAB-DETR's transformer: the encoder of ``encoder.py`` over the image tokens, then the
 anchor-box decoder of ``decoder.py`` over the queries (anchors, with their content patterns).
+With ``scale_encoder_position=False`` and the decoder's Conditional DETR switches
+(``learned_query_pos``, 2-D points, no refinement or modulation) it is Conditional DETR's.
 
 Shapes: B batch, C channels (d_model), H x W feature map, HW = H * W tokens, Q anchors,
 P patterns, NQ = Q * max(P, 1) decoder queries, D anchor dims (4: cxcywh, 2: cxcy),
@@ -11,7 +13,7 @@ from typing import Optional, Tuple, Type
 import torch
 from torch import nn
 
-from ...layers import copy_first_parameters, key_padding_to_attn_mask
+from ...layers import copy_first_parameters
 from .decoder import TransformerDecoder
 from .encoder import TransformerEncoder, TransformerEncoderLayer
 
@@ -35,6 +37,8 @@ class DABTransformer(nn.Module):
         keep_query_pos: bool = False,
         modulate_hw_attn: bool = True,
         bbox_embed: Optional[nn.Module] = None,
+        scale_encoder_position: bool = True,
+        learned_query_pos: bool = False,
     ):
         """
         Args:
@@ -48,6 +52,8 @@ class DABTransformer(nn.Module):
             keep_query_pos, modulate_hw_attn: see ``TransformerDecoder``.
             bbox_embed: the box head that refines the anchors after each decoder layer (an
                 ``nn.ModuleList`` of one head per layer), or None to keep the anchors fixed.
+            scale_encoder_position: see ``TransformerEncoder`` (False: DETR's encoder).
+            learned_query_pos: see ``TransformerDecoder`` (Conditional DETR).
         """
         super().__init__()
         self.encoder = TransformerEncoder(
@@ -56,6 +62,7 @@ class DABTransformer(nn.Module):
                 for _ in range(num_encoder_layers)
             ),
             d_model,
+            scale_position=scale_encoder_position,
         )
         self.decoder = TransformerDecoder(
             d_model=d_model,
@@ -68,6 +75,7 @@ class DABTransformer(nn.Module):
             keep_query_pos=keep_query_pos,
             modulate_hw_attn=modulate_hw_attn,
             bbox_embed=bbox_embed,
+            learned_query_pos=learned_query_pos,
         )
         self.d_model = d_model
         self.num_patterns = num_patterns
@@ -100,7 +108,8 @@ class DABTransformer(nn.Module):
         Args:
             src: ``(B, C, H, W)`` projected backbone features.
             mask: ``(B, H, W)`` bool, True at padded positions.
-            anchors: ``(Q, D)`` anchors before the sigmoid (the learned embedding).
+            anchors: ``(Q, D)`` anchors before the sigmoid (the learned embedding); with
+                ``learned_query_pos``, ``(Q, C)`` the learned positional queries.
             pos: ``(B, C, H, W)`` image position encoding.
             content: ``(C,)`` the content every query starts from before its pattern is added
                 (DN-DAB-DETR: the "no object" label embedding and indicator 0); None: zero.
@@ -115,15 +124,10 @@ class DABTransformer(nn.Module):
                 predictions refine; ``(1, B, PAD + NQ, D)`` when the anchors are not updated.
         """
         b = src.shape[0]
-        # (B, C, H, W) -> (B, HW, C): tokens in row-major order, contiguous once here (a
-        # no-op for channels-last maps) rather than copied by the linear layers that read them
-        src = src.flatten(2).transpose(1, 2).contiguous()
-        pos = pos.flatten(2).transpose(1, 2).contiguous()
-        attn_mask = key_padding_to_attn_mask(mask.flatten(1))
-        memory = self.encoder(src, pos, attn_mask)
+        memory, pos, attn_mask = self.encoder.forward_map(src, mask, pos)
 
         num_anchors = anchors.shape[0]
-        tgt = src.new_zeros(self.d_model) if content is None else content
+        tgt = memory.new_zeros(self.d_model) if content is None else content
         if self.patterns is None:
             tgt = tgt.expand(b, num_anchors, -1)
             refpoints = anchors.unsqueeze(0).expand(b, -1, -1)
