@@ -9,8 +9,8 @@ how their AP grows.
 Variants: ``full`` (configs/quick_schedules/dab_detr_R_18_shapes.yaml) and every config in
 configs/quick_schedules/ablations/, named by file; on request (``--variants``) also
 ``dab_deformable_detr``, ``dn_dab_detr`` (the same model trained with denoising queries), and
-the baselines ``detr`` and ``conditional_detr`` (each configs/quick_schedules/<name>_R_18_shapes.yaml)
-with the same budget. Each
+the baselines ``detr`` and ``conditional_detr`` (each
+configs/quick_schedules/<name>_R_18_shapes.yaml) with the same budget. Each
 runs ``train_net.py`` in a subprocess with ``SOLVER.MAX_ITER``, ``SOLVER.STEPS`` scaled from
 the config's schedule, ``TEST.EVAL_PERIOD``, ``SEED`` and ``OUTPUT_DIR <output-dir>/<variant>``;
 its console output goes to ``train_stdout.txt`` there. ``--jobs N`` trains N variants at a

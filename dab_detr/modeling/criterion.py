@@ -1,7 +1,7 @@
 """The set criterion of every family: sigmoid focal classification (DETR: softmax
-cross-entropy with a "no object" class), L1 and GIoU box losses on Hungarian-matched pairs, for the final and every auxiliary decoder layer; on the same terms,
-the two-stage proposals (class-agnostic, ``_enc``) and the denoising queries (their own
-objects, no matching, ``_dn``).
+cross-entropy with a "no object" class), L1 and GIoU box losses on Hungarian-matched pairs,
+for the final and every auxiliary decoder layer; on the same terms, the two-stage proposals
+(class-agnostic, ``_enc``) and the denoising queries (their own objects, no matching, ``_dn``).
 
 Shapes: B batch, NQ queries, K classes, N_i target boxes of image i. Boxes are cxcywh
 normalised to [0, 1].

@@ -3,8 +3,8 @@ refines each query's anchor layer by layer and modulates its positional attentio
 anchor's width and height; with switches, Conditional DETR's. DETR's transformer (``detr.py``)
 shares the encoder."""
 
-from .detr import DETRDecoder, DETRDecoderLayer, DETRTransformer
 from .decoder import TransformerDecoder, TransformerDecoderLayer, modulate_hw
+from .detr import DETRDecoder, DETRDecoderLayer, DETRTransformer
 from .encoder import TransformerEncoder, TransformerEncoderLayer
 from .transformer import DABTransformer
 
