@@ -5,6 +5,7 @@ Usage::
     python -m dab_detr.convert DAB_DETR_R50.pth dab_detr_R_50.pth  # --source auto
     python -m dab_detr.convert --source official DAB_DETR_R50.pth dab_detr_R_50.pth
     python -m dab_detr.convert --source transformers dab-detr-resnet-50/ out.pth
+    python -m dab_detr.convert --source transformers --config-file CONFIG detr-resnet-50/ out.pth
     python -m dab_detr.convert --source torchvision resnet50-0676ba61.pth R-50.pth
     python -m dab_detr.convert --source detrex --config-file CONFIG dab_detr_r50_50ep.pth out.pth
     # with --config-file the result is checked against the model that config builds
@@ -16,7 +17,9 @@ Sources:
   official      ``{"model": state_dict, ...}`` checkpoints of IDEA-Research/DAB-DETR (DAB-DETR,
                 DAB-Deformable-DETR) and IDEA-Research/DN-DETR (their DN models), released
                 or written by the ``main.py`` of either.
-  transformers  ``DabDetrForObjectDetection`` weights: a directory, ``.safetensors`` or ``.bin``.
+  transformers  ``DabDetrForObjectDetection``, ``DetrForObjectDetection`` or
+                ``ConditionalDetrForObjectDetection`` weights (DAB-DETR, DETR, Conditional
+                DETR): a directory, ``.safetensors`` or ``.bin``.
   torchvision   an ImageNet ResNet state dict, for ``MODEL.WEIGHTS`` when training on COCO.
   detrex        ``{"model": state_dict, ...}`` checkpoints of IDEA-Research/detrex: DAB-DETR
                 (R50, R50-DC5), DN-DETR and one-stage DAB-Deformable-DETR.

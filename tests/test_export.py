@@ -1,4 +1,5 @@
-"""ONNX export (``dab_detr.export``): both families exported at one size and run by onnxruntime
+"""ONNX export (``dab_detr.export``): every family (DAB-DETR, DAB-Deformable-DETR, DETR,
+Conditional DETR) exported at one size and run by onnxruntime
 on a padded batch of two other sizes, against PyTorch's ``model.inference``; the export-exact
 padding-mask resize; errors that name what cannot be exported.
 
@@ -42,6 +43,8 @@ BATCH = [(112, 150), (77, 120)]
 OPTS = [*SMALL, "MODEL.DAB_DETR.NUM_SELECT", "20"]
 DAB_DETR = config_path("quick_schedules/dab_detr_R_18_shapes.yaml")
 DEFORMABLE = config_path("quick_schedules/dab_deformable_detr_R_18_shapes.yaml")
+DETR = config_path("quick_schedules/detr_R_18_shapes.yaml")
+CONDITIONAL_DETR = config_path("quick_schedules/conditional_detr_R_18_shapes.yaml")
 
 
 def _model(config_file: str) -> torch.nn.Module:
@@ -80,16 +83,31 @@ def _assert_same_detections(expected, actual) -> None:
     torch.testing.assert_close(actual[0], expected[0], atol=SCORE_TOL, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def dab_detr_onnx(tmp_path_factory):
-    """DAB-DETR exported by the command line (with its check), from a weight file."""
-    folder = tmp_path_factory.mktemp("dab_detr")
-    model = _model(DAB_DETR)
+def _export_by_command_line(folder, config_file: str):
+    """The model of ``config_file`` exported by the command line (with its check), from a
+    weight file."""
+    model = _model(config_file)
     weights, path = str(folder / "model.pth"), str(folder / "model.onnx")
     torch.save({"model": model.state_dict()}, weights)
-    main(["--config-file", DAB_DETR, "--output", path, "--example-size", *map(str, EXPORT_SIZE),
-          "--opts", "MODEL.WEIGHTS", weights, *OPTS])
+    main(["--config-file", config_file, "--output", path, "--example-size",
+          *map(str, EXPORT_SIZE), "--opts", "MODEL.WEIGHTS", weights, *OPTS])
     return model, path
+
+
+@pytest.fixture(scope="module")
+def dab_detr_onnx(tmp_path_factory):
+    return _export_by_command_line(tmp_path_factory.mktemp("dab_detr"), DAB_DETR)
+
+
+@pytest.fixture(scope="module")
+def detr_onnx(tmp_path_factory):
+    """DETR: softmax scores, each query's best class (S = min(NUM_SELECT, NQ) = 10)."""
+    return _export_by_command_line(tmp_path_factory.mktemp("detr"), DETR)
+
+
+@pytest.fixture(scope="module")
+def conditional_detr_onnx(tmp_path_factory):
+    return _export_by_command_line(tmp_path_factory.mktemp("conditional_detr"), CONDITIONAL_DETR)
 
 
 @pytest.fixture(scope="module")
@@ -100,21 +118,28 @@ def deformable_onnx(tmp_path_factory):
     return model, path
 
 
-@pytest.mark.parametrize("exported", ["dab_detr_onnx", "deformable_onnx"])
-def test_onnxruntime_matches_pytorch_on_a_padded_batch_of_other_sizes(exported, request):
+@pytest.mark.parametrize(
+    "exported, detections",
+    [("dab_detr_onnx", 20), ("deformable_onnx", 20), ("detr_onnx", 10),
+     ("conditional_detr_onnx", 20)],
+)
+def test_onnxruntime_matches_pytorch_on_a_padded_batch_of_other_sizes(
+    exported, detections, request
+):
     model, path = request.getfixturevalue(exported)
     images = _batch(model)
     assert tuple(images.tensor.shape[-2:]) == (112, 150)
     expected = pytorch_detections(model, images)
     actual = run_onnxruntime(path, images.tensor, torch.tensor(images.image_sizes))
-    assert actual[0].shape == (2, 20) and actual[1].dtype == torch.int64
-    assert actual[2].shape == (2, 20, 4)
+    assert actual[0].shape == (2, detections) and actual[1].dtype == torch.int64
+    assert actual[2].shape == (2, detections, 4)
     _assert_same_detections(expected, actual)
 
 
-def test_the_wrapper_computes_what_inference_does():
+@pytest.mark.parametrize("config_file", [DAB_DETR, DETR])
+def test_the_wrapper_computes_what_inference_does(config_file):
     """In PyTorch, the traced module's outputs are model.inference's, exactly."""
-    model = _model(DAB_DETR)
+    model = _model(config_file)
     images = _batch(model)
     with torch.no_grad():
         got = ExportableDetector(model)(images.tensor, torch.tensor(images.image_sizes))

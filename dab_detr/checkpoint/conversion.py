@@ -6,7 +6,9 @@ Sources:
                 DAB-Deformable-DETR), IDEA-Research/DN-DETR (their DN models),
                 facebookresearch/detr (DETR) and Atten4Vis/ConditionalDETR, released or
                 written by the ``main.py`` of any of them.
-  transformers  ``DabDetrForObjectDetection`` weights: a directory, ``.safetensors`` or ``.bin``.
+  transformers  ``DabDetrForObjectDetection``, ``DetrForObjectDetection`` or
+                ``ConditionalDetrForObjectDetection`` weights: a directory, ``.safetensors`` or
+                ``.bin`` (DETR and Conditional DETR: ``detr_transformers.py``).
   torchvision   an ImageNet ResNet state dict, for ``MODEL.WEIGHTS`` when training on COCO.
   detrex        ``{"model": state_dict, ...}`` checkpoints of IDEA-Research/detrex: DAB-DETR
                 (R50, R50-DC5), DN-DETR and one-stage DAB-Deformable-DETR (``detrex.py``).
@@ -25,6 +27,7 @@ from typing import Any, Callable, Collection, Dict, List, Optional, Union
 import torch
 
 from ..utils.user_errors import InputValueError
+from .detr_transformers import convert_transformers_detr
 from .detrex import convert_detrex
 from .renaming import (
     Rule,
@@ -117,10 +120,16 @@ def convert_official(sd: StateDict, num_classes: Optional[int] = 80) -> StateDic
 
 
 def convert_transformers(sd: StateDict, num_classes: Optional[int] = 80) -> StateDict:
-    """``DabDetrForObjectDetection`` state dict -> this project's names; the class heads are
-    laid out for ``num_classes`` (None: kept as they are)."""
+    """``DabDetrForObjectDetection``, ``DetrForObjectDetection`` or
+    ``ConditionalDetrForObjectDetection`` state dict -> this project's names (the latter two:
+    :func:`.detr_transformers.convert_transformers_detr`, for ``DETR`` and
+    ``ConditionalDETR``); the class heads are laid out for ``num_classes`` (None: kept as they
+    are)."""
+    if "model.query_position_embeddings.weight" in sd:  # DETR, Conditional DETR
+        return convert_transformers_detr(sd, num_classes)
     require(sd, "model.query_refpoint_embeddings.weight",
-            "a transformers DabDetrForObjectDetection state dict")
+            "a transformers DabDetrForObjectDetection, DetrForObjectDetection or "
+            "ConditionalDetrForObjectDetection state dict")
     out = convert_resnet(sd, "model.backbone.conv_encoder.model._backbone.")
     qkv: Dict[str, Dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
@@ -173,7 +182,8 @@ _OWN_NAMES = re.compile(
 # layout -> a name (re.fullmatch) that only its files have
 _LAYOUT_NAMES = {
     "official": r"backbone\.0\.body\..+",  # DETR's Joiner around a torchvision ResNet
-    "transformers": r"model\.query_refpoint_embeddings\.weight",
+    # DAB-DETR; DETR and Conditional DETR
+    "transformers": r"model\.(?:query_refpoint_embeddings|query_position_embeddings)\.weight",
     "detrex": r"anchor_box_embed\.weight|transformer\.level_embeds",  # DAB/DN, deformable
     "torchvision": r"layer1\.0\.conv1\.weight",
 }

@@ -71,7 +71,8 @@ def export_onnx(
     ``ExportableDetector.forward``.
 
     Args:
-        model: a ``DABDETR`` or ``DABDeformableDETR`` on the CPU.
+        model: a model of ``EXPORTABLE`` (DAB-DETR, DAB-Deformable-DETR, DETR, Conditional
+            DETR) on the CPU.
         path: the ``.onnx`` file to write (weights inside it up to ONNX's 2 GB limit).
         example_size: ``(H, W)`` of the example batch the graph is captured on; any size
             runs afterwards.

@@ -1,4 +1,4 @@
-"""The module that the ONNX export traces: a DAB-DETR or DAB-Deformable-DETR from a padded batch
+"""The module that the ONNX export traces: a detector of this project from a padded batch
 of normalised images and their sizes to its top-k detections, through the model's own
 ``forward_predictions`` (padding mask, backbone, position encodings, transformer, heads) and
 ``top_detections`` (the top-k of ``inference``), so that the graph computes nothing the model
@@ -13,12 +13,13 @@ import torch
 from detectron2.structures import ImageList
 from torch import nn
 
-from ..modeling.meta_arch import DABDETR, DABDeformableDETR
+from ..modeling.meta_arch import DABDETR, DETR, ConditionalDETR, DABDeformableDETR
 
 __all__ = ["EXPORTABLE", "ExportError", "ExportableDetector"]
 
 # The meta-architectures the export knows, by their META_ARCH_REGISTRY names.
-EXPORTABLE = {"DABDETR": DABDETR, "DABDeformableDETR": DABDeformableDETR}
+EXPORTABLE = {"DABDETR": DABDETR, "DABDeformableDETR": DABDeformableDETR, "DETR": DETR,
+              "ConditionalDETR": ConditionalDETR}
 
 
 class ExportError(ValueError):
@@ -31,7 +32,7 @@ class ExportableDetector(nn.Module):
     def __init__(self, model: nn.Module):
         """
         Args:
-            model: a ``DABDETR`` or ``DABDeformableDETR``; put in eval mode.
+            model: a model of :data:`EXPORTABLE`; put in eval mode.
 
         Raises:
             ExportError: for any other model.
@@ -55,8 +56,9 @@ class ExportableDetector(nn.Module):
             image_sizes: ``(B, 2)`` int64 ``(h, w)`` of each image before padding.
 
         Returns:
-            scores ``(B, S)`` sigmoid scores, best first; classes ``(B, S)`` int64; boxes
-            ``(B, S, 4)`` XYXY in pixels of the unpadded image (``inference``'s boxes).
+            scores ``(B, S)`` the model's scores (sigmoid; DETR: softmax), best first;
+            classes ``(B, S)`` int64; boxes ``(B, S, 4)`` XYXY in pixels of the unpadded image
+            (``inference``'s boxes).
         """
         # An ImageList whose image_sizes is the (B, 2) tensor itself: padding_mask reads it as
         # it reads the list of tuples, and the mask stays a function of the graph's input
