@@ -1,6 +1,6 @@
 """``dab_detr.model_zoo``: Detectron2's model-zoo API over this project's configs. Every COCO
 config is found and builds through ``get``; the released-weights table gives its URLs, only of
-files whose layout the detrex references verify; other configs and unknown paths are errors
+files whose layout the detrex and DETR references verify; other configs and unknown paths are errors
 that say what to do; ``get(trained=True)`` downloads and loads the table's file (a local
 server here); a wheel installs the configs with the package."""
 
@@ -22,15 +22,21 @@ from test_weights_layouts import cache, detrex_file, server  # noqa: F401
 
 from conftest import CONFIG_DIR, REPO
 from dab_detr import model_zoo
-from dab_detr.checkpoint import DabDetrCheckpointer
+from dab_detr.checkpoint import DabDetrCheckpointer, coco_class_rows
 from dab_detr.model_zoo import RELEASED_WEIGHTS
 from dab_detr.utils.user_errors import InputFileNotFoundError, InputValueError
+from official_reference import DETR_REFERENCE_DIR, official_state_dict
 
 COCO_CONFIGS = sorted(p.relative_to(CONFIG_DIR).as_posix()
                       for p in Path(CONFIG_DIR, "COCO-Detection").glob("*.yaml"))
-# each released file -> tests/data/detrex_outputs/<name>.json, the names and shapes of its
-# tensors that the equivalence tests load: a URL without one is not verified
+# each released file -> tests/data/<folder>/<name>.json, the names and shapes of its tensors
+# that the equivalence tests load (detrex_outputs/, or detr_outputs/ for DETR's official files:
+# its R50's, which the R101 files extend by ResNet blocks): a URL without one is not verified
 VERIFIED_LAYOUTS = {
+    "COCO-Detection/detr_R_50_500ep.yaml": "detr_r50",
+    "COCO-Detection/detr_R_50_DC5_500ep.yaml": "detr_r50",
+    "COCO-Detection/detr_R_101_500ep.yaml": "detr_r50",
+    "COCO-Detection/detr_R_101_DC5_500ep.yaml": "detr_r50",
     "COCO-Detection/dab_detr_R_50_50ep.yaml": "dab_detr_r50",
     "COCO-Detection/dab_detr_R_50_DC5_50ep.yaml": "dab_detr_r50_dc5",
     "COCO-Detection/dab_deformable_detr_R_50_50ep.yaml": "dab_deformable_detr_r50",
@@ -81,13 +87,16 @@ def test_get_on_a_given_device(loads):
     assert model.device == torch.device("cpu")
 
 
-def test_released_weights_are_verified_detrex_files():
+def test_released_weights_are_verified_files():
     assert sorted(RELEASED_WEIGHTS) == sorted(VERIFIED_LAYOUTS)
     for config_path, weights in RELEASED_WEIGHTS.items():
-        assert os.path.isfile(os.path.join(REFERENCE_DIR, f"{VERIFIED_LAYOUTS[config_path]}.json"))
+        detr = os.path.basename(config_path).startswith("detr_")
+        folder = DETR_REFERENCE_DIR if detr else REFERENCE_DIR
+        assert os.path.isfile(os.path.join(folder, f"{VERIFIED_LAYOUTS[config_path]}.json"))
         assert model_zoo.get_checkpoint_url(config_path) == weights.url
         assert weights.url.startswith(
-            "https://github.com/IDEA-Research/detrex-storage/releases/download/v0.")
+            "https://dl.fbaipublicfiles.com/detr/detr-r" if detr
+            else "https://github.com/IDEA-Research/detrex-storage/releases/download/v0.")
         assert model_zoo.get_config(config_path, trained=True).MODEL.WEIGHTS == weights.url
         assert 40 < weights.ap < 50
 
@@ -97,8 +106,11 @@ def test_other_configs_say_where_official_weights_are(config_path):
     with pytest.raises(InputValueError) as error:
         model_zoo.get_checkpoint_url(config_path)
     message = str(error.value)
-    official = "DN-DETR" if os.path.basename(config_path).startswith("dn_") else "DAB-DETR"
-    assert f"https://github.com/IDEA-Research/{official}#model-zoo" in message
+    name = os.path.basename(config_path)
+    official = ("Atten4Vis/ConditionalDETR" if name.startswith("conditional_detr_")
+                else "IDEA-Research/DN-DETR" if name.startswith("dn_")
+                else "IDEA-Research/DAB-DETR")
+    assert f"https://github.com/{official}#model-zoo" in message
     assert "Give the downloaded file to MODEL.WEIGHTS as it is" in message
     assert (f"python -m dab_detr.convert --config-file {os.path.join(CONFIG_DIR, config_path)}"
             " in.pth out.pth") in message
@@ -138,6 +150,29 @@ def test_get_trained_downloads_and_loads_the_released_file(server, cache, detrex
     expected = build_model(cfg)
     DabDetrCheckpointer(expected).load(str(source))
     torch.testing.assert_close(model.state_dict(), expected.state_dict(), rtol=0, atol=0)
+
+
+def test_get_trained_loads_detr_s_official_file(server, cache, tmp_path, monkeypatch):  # noqa: F811
+    """DETR's released file as its URL serves it (the official layout, rebuilt from the
+    reference rule): downloaded, recognised, converted and loaded."""
+    config_path = "COCO-Detection/detr_R_50_500ep.yaml"
+    source = tmp_path / "detr-r50-e632da11.pth"
+    sd = official_state_dict(os.path.join(DETR_REFERENCE_DIR, "detr_r50.json"))
+    torch.save({"model": {k: v.float() for k, v in sd.items()}}, source)
+    server.files["/detr/detr-r50-e632da11.pth"] = source
+    url = server.url("/detr/detr-r50-e632da11.pth")
+    monkeypatch.setitem(RELEASED_WEIGHTS, config_path,
+                        RELEASED_WEIGHTS[config_path]._replace(url=url))
+
+    model = model_zoo.get(config_path, trained=True)
+    assert server.requests == ["/detr/detr-r50-e632da11.pth"]
+    state = model.state_dict()
+    # the 92-row COCO head (91 ids and "no object") for the config's 80 classes and "no object"
+    rows = torch.as_tensor(coco_class_rows() + [91])
+    torch.testing.assert_close(state["class_embed.weight"], sd["class_embed.weight"][rows].float())
+    torch.testing.assert_close(state["query_embed.weight"], sd["query_embed.weight"].float())
+    torch.testing.assert_close(state["backbone.res5.2.conv3.weight"],
+                               sd["backbone.0.body.layer4.2.conv3.weight"].float())
 
 
 def test_wheel_installs_the_configs(tmp_path):

@@ -161,9 +161,15 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         heads = [v for k, v in expected.items() if re.fullmatch(r"class_embed\.(0\.)?weight", k)]
         if heads and layout != "torchvision":
             # another class count (fine-tuning): _check_shapes drops the head, with a warning
+            no_object = self._no_object_row()
             with contextlib.suppress(ClassCountError):
-                map_class_head(out, heads[0].shape[0])  # e.g. official's 91 rows -> 80 classes
+                # e.g. official's 91 rows (DETR's 92) -> 80 classes (DETR's 81)
+                map_class_head(out, heads[0].shape[0] - no_object, no_object=bool(no_object))
         return out
+
+    def _no_object_row(self) -> int:
+        """1 if the model's class head ends with a "no object" row (DETR), else 0."""
+        return int(getattr(self.model, "no_object_class", False))
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         self._check_arch(checkpoint.get(ARCH_KEY))
@@ -243,7 +249,7 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         if head:
             name = min(head)  # class_embed.* before label_enc.*, which has one row more
             (file_rows, *_), (model_rows, *_) = head[name]
-            extra = int(name.startswith("label_enc."))
+            extra = int(name.startswith("label_enc.")) or self._no_object_row()
             self.logger.warning(
                 f"{source} has a class head for {file_rows - extra} classes, the model "
                 f"{model_rows - extra} (MODEL.DAB_DETR.NUM_CLASSES): not loading "

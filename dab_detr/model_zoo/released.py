@@ -3,15 +3,20 @@ path (relative to ``configs/``) to file, its COCO 2017 val box AP and who releas
 README's table of URLs and :func:`dab_detr.model_zoo.get_checkpoint_url` both read it.
 
 Only files whose layout the tests verify are listed: detrex's (``tests/detrex_reference.py``
-holds their names and shapes). The official checkpoints have no direct URL (Google Drive and
-Tsinghua Cloud folders), so :data:`OFFICIAL_WEIGHTS` says where to find them by hand.
+holds their names and shapes) and DETR's official ones (``tests/data/detr_outputs/detr_r50.json``:
+the R50's names and shapes; R101 adds ResNet blocks of the same names). The other official
+checkpoints have no direct URL (Google Drive, Tsinghua Cloud and OneDrive folders), so
+:data:`OFFICIAL_WEIGHTS` says where to find them by hand.
 """
 
 from typing import Dict, NamedTuple
 
-__all__ = ["DETREX_STORAGE", "OFFICIAL_WEIGHTS", "RELEASED_WEIGHTS", "ReleasedWeights"]
+__all__ = [
+    "DETREX_STORAGE", "DETR_STORAGE", "OFFICIAL_WEIGHTS", "RELEASED_WEIGHTS", "ReleasedWeights",
+]
 
 DETREX_STORAGE = "https://github.com/IDEA-Research/detrex-storage/releases/download"
+DETR_STORAGE = "https://dl.fbaipublicfiles.com/detr"
 
 
 class ReleasedWeights(NamedTuple):
@@ -24,6 +29,8 @@ class ReleasedWeights(NamedTuple):
 
 # detrex publishes these files and their AP in its model zoo (docs/source/tutorials/Model_Zoo.md)
 _DETREX = "detrex model zoo"
+# facebookresearch/detr's README, "Model Zoo": its 500-epoch models
+_DETR = "DETR's README"
 
 RELEASED_WEIGHTS: Dict[str, ReleasedWeights] = {
     "COCO-Detection/dab_detr_R_50_50ep.yaml": ReleasedWeights(
@@ -39,10 +46,20 @@ RELEASED_WEIGHTS: Dict[str, ReleasedWeights] = {
     # DN-DETR's official "v2" weights, renamed by detrex into its layout
     "COCO-Detection/dn_dab_deformable_detr_R_50_50ep.yaml": ReleasedWeights(
         f"{DETREX_STORAGE}/v0.1.0/converted_dn_deformable_detr_r50_50ep.pth", 49.5, _DETREX),
+    "COCO-Detection/detr_R_50_500ep.yaml": ReleasedWeights(
+        f"{DETR_STORAGE}/detr-r50-e632da11.pth", 42.0, _DETR),
+    "COCO-Detection/detr_R_50_DC5_500ep.yaml": ReleasedWeights(
+        f"{DETR_STORAGE}/detr-r50-dc5-f0fb7ef5.pth", 43.3, _DETR),
+    "COCO-Detection/detr_R_101_500ep.yaml": ReleasedWeights(
+        f"{DETR_STORAGE}/detr-r101-2c7b67e5.pth", 43.5, _DETR),
+    "COCO-Detection/detr_R_101_DC5_500ep.yaml": ReleasedWeights(
+        f"{DETR_STORAGE}/detr-r101-dc5-a2e86def.pth", 44.9, _DETR),
 }
 
 # Where the official checkpoints of the other configs are, by config name prefix (first match)
 OFFICIAL_WEIGHTS = (
+    ("conditional_detr_", "Conditional DETR's README, 'Model Zoo' (OneDrive links; "
+                          "https://github.com/Atten4Vis/ConditionalDETR#model-zoo)"),
     ("dn_", "DN-DETR's README, 'Model Zoo' (https://github.com/IDEA-Research/DN-DETR#model-zoo)"),
     ("", "DAB-DETR's README, 'Model Zoo' (https://github.com/IDEA-Research/DAB-DETR#model-zoo)"),
 )

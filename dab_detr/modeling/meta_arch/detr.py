@@ -45,6 +45,9 @@ def _refuse_dab_keys(cfg, model: str) -> None:
 class DETR(SingleScaleDetector):
     """DETR: learned queries, no reference points, softmax classification with "no object"."""
 
+    # the class head has K + 1 rows, the last "no object" (read by the checkpointer)
+    no_object_class = True
+
     @configurable
     def __init__(
         self,
