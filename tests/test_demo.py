@@ -16,6 +16,8 @@ from dab_detr.data import CLASS_NAMES
 
 SHAPES = config_path("quick_schedules/dab_detr_R_18_shapes.yaml")
 DEFORMABLE_SHAPES = config_path("quick_schedules/dab_deformable_detr_R_18_shapes.yaml")
+DETR_SHAPES = config_path("quick_schedules/detr_R_18_shapes.yaml")
+CONDITIONAL_DETR_SHAPES = config_path("quick_schedules/conditional_detr_R_18_shapes.yaml")
 
 
 def _load_demo():
@@ -40,8 +42,12 @@ def _run(*args: str, weights: str = "", config: str = SHAPES):
                       "MODEL.DEVICE", "cpu"])
 
 
-@pytest.mark.parametrize("config", [SHAPES, DEFORMABLE_SHAPES], ids=["dab_detr", "deformable"])
-def test_single_image_to_file_and_json(tmp_path, config):
+@pytest.mark.parametrize(
+    "config, num_select",
+    [(SHAPES, 100), (DEFORMABLE_SHAPES, 100), (DETR_SHAPES, 30), (CONDITIONAL_DETR_SHAPES, 100)],
+    ids=["dab_detr", "deformable", "detr", "conditional_detr"],
+)
+def test_single_image_to_file_and_json(tmp_path, config, num_select):
     src = _image(tmp_path / "in.jpg", (150, 110))
     out, js = tmp_path / "vis" / "out.png", tmp_path / "det.json"
     _run("--input", src, "--output", str(out), "--json", str(js),
@@ -51,7 +57,7 @@ def test_single_image_to_file_and_json(tmp_path, config):
     records = json.loads(js.read_text())
     assert [(r["file_name"], r["height"], r["width"]) for r in records] == [(src, 110, 150)]
     detections = records[0]["detections"]
-    assert len(detections) == 100  # NUM_SELECT, all kept at threshold 0
+    assert len(detections) == num_select  # NUM_SELECT, all kept at threshold 0
     scores = [d["score"] for d in detections]
     assert scores == sorted(scores, reverse=True)
     for d in detections:
