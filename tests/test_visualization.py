@@ -309,3 +309,13 @@ def test_visualize_mechanism_writes_its_pictures(tmp_path, config, pictures):
     for name in os.listdir(out):
         with Image.open(out / name) as picture:
             assert picture.format == "PNG" and min(picture.size) > 100
+
+
+@pytest.mark.parametrize("config", ["quick_schedules/detr_R_18_shapes.yaml",
+                                    "quick_schedules/conditional_detr_R_18_shapes.yaml"])
+def test_visualize_mechanism_refuses_models_without_anchor_boxes(tmp_path, config, capsys):
+    with pytest.raises(SystemExit):
+        _load_tool().main(["--config-file", config_path(config), "--input", "unused.png",
+                           "--output", str(tmp_path / "vis"), "--opts", "MODEL.WEIGHTS", ""])
+    assert "the pictures are of anchor boxes" in capsys.readouterr().err
+    assert not (tmp_path / "vis").exists()

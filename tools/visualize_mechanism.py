@@ -342,6 +342,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     setup_logger(name="dab_detr")
     register_builtin_datasets()
     cfg = setup_cfg(args.config_file, args.opts)
+    meta = cfg.MODEL.META_ARCHITECTURE
+    if meta not in ("DABDETR", "DABDeformableDETR") or cfg.MODEL.DAB_DETR.QUERY_DIM != 4:
+        parser.error(f"{args.config_file}: MODEL.META_ARCHITECTURE {meta!r}, QUERY_DIM "
+                     f"{cfg.MODEL.DAB_DETR.QUERY_DIM}: the pictures are of anchor boxes, "
+                     "DABDETR (QUERY_DIM 4) or DABDeformableDETR")
     predictor = build_predictor(cfg)
     model = predictor.model
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
