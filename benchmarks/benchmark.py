@@ -1,5 +1,6 @@
-"""Speed and memory of this project's DAB-DETR against transformers' DabDetrForObjectDetection
-on the same weights, and of this project's DAB-Deformable-DETR (no transformers counterpart).
+"""Speed and memory of this project's DAB-DETR, DETR and Conditional DETR against transformers'
+DabDetrForObjectDetection, DetrForObjectDetection and ConditionalDetrForObjectDetection on the
+same weights, and of this project's DAB-Deformable-DETR (no transformers counterpart).
 
     python benchmarks/benchmark.py [--quick] [--output benchmarks/results.json]
                                    [--plot benchmarks/scaling.png] [--threads N]
@@ -8,15 +9,16 @@ on the same weights, and of this project's DAB-Deformable-DETR (no transformers 
 
 Sections (CPU; on CUDA, when there is one, inference and training again in float32 and
 under bfloat16 / float16 autocast):
-  inference  forward pass, R50, R50-DC5 and Deformable-R50, 800 x 1216, batch 1 and 2
+  inference  forward pass, R50, R50-DC5, Deformable-R50, DETR-R50 and Conditional-R50,
+             800 x 1216, batch 1 and 2
   training   forward, loss and backward, the same variants, 512 x 768, batch 2
   share      the Deformable-R50 inference and training cases: the share of their time
              spent in deformable attention (``attention_share.py``)
   scaling    R50 batch 1 against the short side (480 ... 1024, long side 1.52 x), and
              ours against the number of queries (100, 300, 900)
-``--models`` (dab_detr, dab_deformable_detr), ``--variants`` and ``--sections`` (inference,
-training, share, scaling, cuda) select what runs; ``--merge`` keeps the other rows of an
-existing ``--output`` (``results.py``).
+``--models`` (dab_detr, dab_deformable_detr, detr, conditional_detr), ``--variants`` and
+``--sections`` (inference, training, share, scaling, cuda) select what runs; ``--merge`` keeps
+the other rows of an existing ``--output`` (``results.py``).
 ``--quick``: tiny inputs, batch 1 at inference, one timed repeat and no warm-up: it checks
 that everything runs (in about a minute), not how fast.
 See ``measure.py`` for how latency and memory are measured.
@@ -165,10 +167,13 @@ def _meta(args: argparse.Namespace, s: Settings, variants: Sequence[str]) -> Dic
         "transformers": transformers.__version__, "python": platform.python_version(),
         "load_average_start": os.getloadavg(),
         "selection": {"variants": list(variants), "sections": list(args.sections)},
-        "ours": "DABDETR / DABDeformableDETR .forward_predictions(images, with_aux=False) (the "
-                "inference path); training: model(batched_inputs) losses summed, backward",
-        "transformers_model": "DabDetrForObjectDetection(pixel_values, pixel_mask), timm "
-                              "ResNet; training: labels given, .loss backward, dropout 0, "
+        "ours": "DABDETR / DABDeformableDETR / DETR / ConditionalDETR .forward_predictions("
+                "images, with_aux=False) (the inference path); training: model(batched_inputs) "
+                "losses summed, backward",
+        "transformers_model": "DabDetr / Detr / ConditionalDetr ForObjectDetection("
+                              "pixel_values, pixel_mask), timm "
+                              "ResNet; training: labels given, .loss backward, dropout as "
+                              "ours (0 for DAB-DETR, 0.1 for DETR and Conditional DETR), "
                               "auxiliary_loss, stem and layer1 frozen as ours",
         "dab_deformable_detr": "configs/" + VARIANTS["Deformable-R50"].config + ", MODEL.WEIGHTS "
                                "'' (random initialisation, seed 0), MODEL.DEVICE cpu; "

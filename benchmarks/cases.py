@@ -1,5 +1,6 @@
-"""What the benchmark runs: this project's DAB-DETR and transformers'
-``DabDetrForObjectDetection`` on the same weights, and this project's DAB-Deformable-DETR
+"""What the benchmark runs: this project's DAB-DETR, DETR and Conditional DETR and transformers'
+``DabDetrForObjectDetection``, ``DetrForObjectDetection`` and
+``ConditionalDetrForObjectDetection`` on the same weights, and this project's DAB-Deformable-DETR
 (which has no transformers counterpart), as one-call steps (a forward pass, or a training
 step: forward, loss, backward).
 
@@ -28,15 +29,17 @@ class Variant:
     """One benchmarked model.
 
     Attributes:
-        model: the model family, "dab_detr" or "dab_deformable_detr" (``--models``).
+        model: the model family (``--models``): one of :data:`MODELS`.
         config: ours, under ``configs/``.
-        transformers: ``DabDetrConfig`` arguments of the same model; None: transformers has
+        transformers: ``<hf>Config`` arguments of the same model; None: transformers has
             no counterpart, only ours is measured.
+        hf: transformers' name of the model: ``<hf>Config``, ``<hf>ForObjectDetection``.
     """
 
     model: str
     config: str
     transformers: Optional[dict]
+    hf: str = "DabDetr"
 
 
 VARIANTS: Dict[str, Variant] = {
@@ -48,10 +51,15 @@ VARIANTS: Dict[str, Variant] = {
     "Deformable-R50": Variant(
         "dab_deformable_detr", "COCO-Detection/dab_deformable_detr_R_50_50ep.yaml", None
     ),
+    "DETR-R50": Variant("detr", "COCO-Detection/detr_R_50_500ep.yaml", {}, "Detr"),
+    "Conditional-R50": Variant(
+        "conditional_detr", "COCO-Detection/conditional_detr_R_50_50ep.yaml", {},
+        "ConditionalDetr",
+    ),
 }
-MODELS = ("dab_detr", "dab_deformable_detr")
+MODELS = ("dab_detr", "dab_deformable_detr", "detr", "conditional_detr")
 IMPLS = ("ours", "transformers")
-NUM_QUERIES = 300  # of both configs, and transformers' default
+NUM_QUERIES = 300  # of the DAB-DETR configs, and DabDetrConfig's default
 NUM_BOXES = 5  # ground-truth boxes per image in training steps
 
 
@@ -107,13 +115,15 @@ def prepare_weights(variant: str, workdir: str, seed: int = 0) -> Dict[str, str]
     from dab_detr.checkpoint import convert
 
     torch.manual_seed(seed)
-    # dropout 0 as ours (MODEL.DAB_DETR.DROPOUT); auxiliary losses as ours (AUX_LOSS)
-    config = transformers.DabDetrConfig(
-        num_labels=91, dropout=0.0, auxiliary_loss=True,
-        **VARIANTS[variant].transformers,
+    v = VARIANTS[variant]
+    # dropout as ours (MODEL.DAB_DETR.DROPOUT: 0 for DAB-DETR, 0.1 for the baselines);
+    # auxiliary losses as ours (AUX_LOSS)
+    config = getattr(transformers, f"{v.hf}Config")(
+        num_labels=91, dropout=_cfg(variant, []).MODEL.DAB_DETR.DROPOUT, auxiliary_loss=True,
+        **v.transformers,
     )
     hf_dir = os.path.join(workdir, f"{variant}-transformers")
-    transformers.DabDetrForObjectDetection(config).save_pretrained(hf_dir)
+    getattr(transformers, f"{v.hf}ForObjectDetection")(config).save_pretrained(hf_dir)
     ours = os.path.join(workdir, f"{variant}-ours.pth")
     # loaded strictly by _build_ours, which checks it against the config
     torch.save({"model": convert("transformers", hf_dir)}, ours)
@@ -135,7 +145,8 @@ def _build_ours(case: Case) -> torch.nn.Module:
 def _build_transformers(case: Case) -> torch.nn.Module:
     import transformers
 
-    model = transformers.DabDetrForObjectDetection.from_pretrained(case.weights)
+    model_class = getattr(transformers, f"{VARIANTS[case.variant].hf}ForObjectDetection")
+    model = model_class.from_pretrained(case.weights)
     # ours trains neither the stem nor res2 (FREEZE_AT 2, as DETR and DAB-DETR do);
     # transformers trains the whole ResNet unless told: freeze the same layers (the same
     # work and memory as ours; its frozen BatchNorms are frozen either way)
@@ -182,7 +193,7 @@ def _transformers_step(case: Case, model: torch.nn.Module, pixels: torch.Tensor,
                       device=case.device)
     if not case.train:
         return lambda: model(pixel_values=pixels, pixel_mask=mask)
-    rows = torch.as_tensor(coco_class_rows())  # its 91-way head is indexed by COCO id
+    rows = torch.as_tensor(coco_class_rows())  # its 91 classes are indexed by COCO id
     labels = [{"class_labels": rows[c].to(case.device), "boxes": b.to(case.device)}
               for c, b in zip(*targets)]
     return lambda: model(pixel_values=pixels, pixel_mask=mask, labels=labels).loss.backward()

@@ -1,7 +1,7 @@
 """``benchmarks/benchmark.py --quick`` runs end to end (tiny inputs, one repeat) and writes
 results of the documented structure: numbers, not their values, are checked here. It covers
-DAB-DETR against transformers and DAB-Deformable-DETR (ours only, with the share of its time
-in deformable attention)."""
+DAB-DETR, DETR and Conditional DETR against transformers and DAB-Deformable-DETR (ours only,
+with the share of its time in deformable attention)."""
 
 import json
 import os
@@ -23,7 +23,8 @@ ROW_KEYS = {"section", "impl", "model", "variant", "train", "device", "dtype", "
             "peak_mib", "baseline_mib", "error", "date"}
 LATENCY_KEYS = {"median", "min", "max", "q1", "q3", "repeats"}
 # (impl, variant) of the inference and training sections
-PAIRED = {(i, v) for i in ("ours", "transformers") for v in ("R50", "R50-DC5")}
+PAIRED = {(i, v) for i in ("ours", "transformers")
+          for v in ("R50", "R50-DC5", "DETR-R50", "Conditional-R50")}
 MEASURED = PAIRED | {("ours", "Deformable-R50")}
 NO_COUNTERPART = "- (no transformers counterpart)"
 # a printed attention share: "MSDeformAttn 37.8% (247 + 0 ms, 12 calls)"
@@ -65,8 +66,8 @@ def test_quick_benchmark_rows(quick_results):
     for section in SECTIONS:
         for row in results[section]:
             _check_row(row)
-    # both implementations of DAB-DETR, ours of DAB-Deformable-DETR, the batches of the
-    # settings at inference
+    # both implementations of DAB-DETR, DETR and Conditional DETR, ours of DAB-Deformable-DETR,
+    # the batches of the settings at inference
     batches = results["meta"]["settings"]["batches"]
     cases = {(r["impl"], r["variant"], r["batch"]) for r in results["inference"]}
     assert cases == {(i, v, b) for i, v in MEASURED for b in batches}
