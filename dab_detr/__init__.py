@@ -1,6 +1,6 @@
-"""DAB-DETR as a Detectron2 project: ``import dab_detr`` registers the ``DABDETR`` and
-``DABDeformableDETR`` meta-architectures and their backbone, and exposes
-``add_dab_detr_config``.
+"""DAB-DETR as a Detectron2 project: ``import dab_detr`` registers the ``DABDETR``,
+``DABDeformableDETR``, ``DETR`` and ``ConditionalDETR`` meta-architectures and their backbone,
+and exposes ``add_dab_detr_config``.
 
 Layout: ``layers`` (building blocks) and ``modeling`` (the models) are plain PyTorch and
 import without Detectron2; ``modeling.meta_arch``, ``config``, ``data``, ``engine`` and
@@ -12,7 +12,10 @@ import importlib.util
 from ._compat import apply as _apply_compat
 from ._compat import quiet_dependency_imports as _quiet_dependency_imports
 
-__all__ = ["DABDETR", "DABDeformableDETR", "add_dab_detr_config", "get_dab_detr_cfg"]
+__all__ = [
+    "DABDETR", "DABDeformableDETR", "DETR", "ConditionalDETR", "add_dab_detr_config",
+    "get_dab_detr_cfg",
+]
 __version__ = "0.1.0"
 
 
@@ -27,7 +30,8 @@ if _detectron2_installed():
     _apply_compat()  # must run before the first import of detectron2
     with _quiet_dependency_imports():  # the first import of Detectron2 and fvcore
         from .config import add_dab_detr_config, get_dab_detr_cfg
-        from .modeling.meta_arch import DABDETR, DABDeformableDETR  # import registers them
+        # import registers them
+        from .modeling.meta_arch import DETR, DABDETR, ConditionalDETR, DABDeformableDETR
 else:
 
     def __getattr__(name: str):
