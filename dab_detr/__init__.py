@@ -30,8 +30,9 @@ if _detectron2_installed():
     _apply_compat()  # must run before the first import of detectron2
     with _quiet_dependency_imports():  # the first import of Detectron2 and fvcore
         from .config import add_dab_detr_config, get_dab_detr_cfg
+
         # import registers them
-        from .modeling.meta_arch import DETR, DABDETR, ConditionalDETR, DABDeformableDETR
+        from .modeling.meta_arch import DABDETR, DETR, ConditionalDETR, DABDeformableDETR
 else:
 
     def __getattr__(name: str):
