@@ -58,6 +58,29 @@ def test_softmax_class_loss_weights_no_object():
                                                                torch.full((6,), 3)))
 
 
+@pytest.mark.parametrize("config_file, softmax", [(DETR, True), (CONDITIONAL_DETR, False)])
+def test_the_configs_criterion_and_matcher(config_file, softmax):
+    """DETR's model, built from its config, matches and classifies by softmax ("no object"
+    weighted 0.1); Conditional DETR's by focal cost and loss."""
+    model = _small(config_file)
+    matcher, criterion = model.criterion.matcher, model.criterion
+    g = torch.Generator().manual_seed(2)
+    k = 5 + softmax
+    logits, labels = torch.randn(4, k, generator=g), torch.tensor([1, 4])
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2]] * 4)
+    cost = matcher.cost_matrix(logits, boxes, labels, boxes[:2])
+    # the boxes are equal: only the class term differs between predictions
+    if softmax:
+        expected = -matcher.cost_class * logits.softmax(-1)[:, labels]
+        assert criterion.no_object_weight == 0.1
+    else:
+        p = logits.sigmoid()[:, labels]
+        expected = matcher.cost_class * (0.25 * (1 - p) ** 2 * -(p + 1e-8).log()
+                                         - 0.75 * p**2 * -(1 - p + 1e-8).log())
+        assert criterion.no_object_weight is None
+    torch.testing.assert_close(cost - cost[:1], expected - expected[:1])
+
+
 def test_detr_keeps_each_query_best_class():
     model = _small(DETR, "MODEL.DAB_DETR.NUM_SELECT", "3").eval()
     logits = torch.tensor([[[0.0, 2.0, 0.0, 0.0, 0.0, 5.0],  # "no object" most likely

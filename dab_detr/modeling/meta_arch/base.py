@@ -371,10 +371,12 @@ def build_set_criterion(
     ``AUX_LOSS``, every earlier one (``loss_ce_0``, ...), and for each of ``extra_suffixes``
     (e.g. ``"enc"``: the two-stage proposals' ``loss_ce_enc``, ...). With ``DN.ENABLED``, the
     denoising terms of every layer (``loss_ce_dn``, ``loss_ce_dn_0``, ...) weigh the same as
-    the matching ones, as in DN-DETR."""
+    the matching ones, as in DN-DETR. ``no_object_class`` (DETR): softmax over K + 1 classes,
+    "no object" weighted ``NO_OBJECT_WEIGHT``, in the loss and in the matching cost."""
     d = cfg.MODEL.DAB_DETR
     matcher = HungarianMatcher(
-        d.SET_COST_CLASS, d.SET_COST_BBOX, d.SET_COST_GIOU, d.FOCAL_ALPHA, d.FOCAL_GAMMA
+        d.SET_COST_CLASS, d.SET_COST_BBOX, d.SET_COST_GIOU, d.FOCAL_ALPHA, d.FOCAL_GAMMA,
+        softmax=no_object_class,
     )
     base = {"loss_ce": d.CLASS_WEIGHT, "loss_bbox": d.BBOX_WEIGHT, "loss_giou": d.GIOU_WEIGHT}
     layers = [str(i) for i in range(d.DEC_LAYERS - 1)] if d.AUX_LOSS else []
