@@ -121,6 +121,21 @@ def test_conditional_detr_reference_points_are_fixed_and_learned():
     assert len(outputs["aux_outputs"]) == 1
 
 
+def test_conditional_detr_boxes_use_its_inverse_sigmoid_clamp():
+    """Boxes refine the reference points through Conditional DETR's inverse sigmoid, clamped
+    at 1e-5 (DAB-DETR's: 1e-3): points near the border keep their logit down to 1e-5."""
+    model = _small(CONDITIONAL_DETR)
+    ref = torch.tensor([[[[1e-4, 0.5]], [[0.5, 1 - 2e-5]]]]).transpose(1, 2)  # (1, 1, 2, 2)
+    hs = torch.randn(1, 1, 2, 64)
+    delta = model.bbox_embed(hs)
+    boxes = model._predict_boxes(hs, ref)
+    logit = torch.log(ref.clamp(min=1e-5) / (1 - ref).clamp(min=1e-5))
+    expected = torch.cat([delta[..., :2] + logit, delta[..., 2:]], -1).sigmoid()
+    torch.testing.assert_close(boxes, expected)
+    # DAB-DETR's clamp would have moved these points
+    assert (torch.log(ref.clamp(min=1e-3) / (1 - ref).clamp(min=1e-3)) - logit).abs().max() > 2
+
+
 @pytest.mark.parametrize("config_file", [DETR, CONDITIONAL_DETR])
 @pytest.mark.parametrize("key", ["DN.ENABLED", "NUM_PATTERNS", "RANDOM_REFPOINTS_XY"])
 def test_dab_detr_options_are_refused(config_file, key):

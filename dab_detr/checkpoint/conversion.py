@@ -34,6 +34,8 @@ from .renaming import (
     StateDict,
     convert_resnet,
     map_class_head,
+    model_by_marker,
+    pack_qkv,
     rename,
     require,
 )
@@ -90,14 +92,8 @@ _OFFICIAL_MODELS = {
 def official_model(sd: StateDict) -> str:
     """Which official model's checkpoint ``sd`` is: ``"DAB-DETR"`` (the DAB-DETR and DN-DETR
     repositories' models), ``"DETR"`` or ``"Conditional DETR"``."""
-    for key, model in _OFFICIAL_MODELS.items():
-        if key in sd:
-            return model
-    found = ", ".join(list(sd)[:5])
-    raise InputValueError(
-        "not a checkpoint of the official DAB-DETR, DN-DETR, DETR or Conditional DETR code: it "
-        f"has none of {', '.join(repr(k) for k in _OFFICIAL_MODELS)} (first keys: {found})"
-    )
+    return model_by_marker(sd, _OFFICIAL_MODELS, "a checkpoint of the official DAB-DETR, "
+                           "DN-DETR, DETR or Conditional DETR code")
 
 
 def convert_official(sd: StateDict, num_classes: Optional[int] = 80) -> StateDict:
@@ -142,8 +138,7 @@ def convert_transformers(sd: StateDict, num_classes: Optional[int] = 80) -> Stat
             ] = v
             continue
         out[rename(k, _TRANSFORMERS_RULES)] = v
-    for name, parts in qkv.items():
-        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    out.update(pack_qkv(qkv))
     for k in [k for k in out if k.startswith("bbox_embed.")]:
         out["transformer.decoder." + k] = out[k]
     map_class_head(out, num_classes)

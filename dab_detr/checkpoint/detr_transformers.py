@@ -37,7 +37,15 @@ from typing import Dict, List, Optional
 import torch
 
 from ..utils.user_errors import InputValueError
-from .renaming import Rule, StateDict, convert_resnet, map_class_head, rename
+from .renaming import (
+    Rule,
+    StateDict,
+    convert_resnet,
+    map_class_head,
+    model_by_marker,
+    pack_qkv,
+    rename,
+)
 
 __all__ = ["convert_transformers_detr", "transformers_detr_model"]
 
@@ -114,14 +122,8 @@ def transformers_detr_model(sd: StateDict) -> str:
         InputValueError: neither (e.g. ``DeformableDetrForObjectDetection``, which has their
             ``model.query_position_embeddings.weight`` too).
     """
-    for key, model in _MODEL_KEYS.items():
-        if key in sd:
-            return model
-    found = ", ".join(list(sd)[:5])
-    raise InputValueError(
-        "not a transformers DetrForObjectDetection or ConditionalDetrForObjectDetection state "
-        f"dict: it has none of {', '.join(repr(k) for k in _MODEL_KEYS)} (first keys: {found})"
-    )
+    return model_by_marker(sd, _MODEL_KEYS, "a transformers DetrForObjectDetection or "
+                           "ConditionalDetrForObjectDetection state dict")
 
 
 def _backbone(sd: StateDict) -> StateDict:
@@ -174,10 +176,6 @@ def convert_transformers_detr(sd: StateDict, num_classes: Optional[int] = 80) ->
             f"tensors of no {model} of this project (sine position encoding, ResNet backbone): "
             + shown
         )
-    for name, parts in qkv.items():
-        missing = [p for p in "qkv" if p not in parts]
-        if missing:
-            raise InputValueError(f"{name}: no {'/'.join(missing)} projection to pack")
-        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    out.update(pack_qkv(qkv))
     map_class_head(out, num_classes, no_object=model == "DETR")
     return out

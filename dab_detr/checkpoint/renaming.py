@@ -14,7 +14,7 @@ from ..utils.user_errors import InputValueError
 
 __all__ = [
     "ClassCountError", "Rule", "StateDict", "coco_class_rows", "convert_resnet",
-    "map_class_head", "rename", "require",
+    "map_class_head", "model_by_marker", "pack_qkv", "rename", "require",
 ]
 
 StateDict = Dict[str, torch.Tensor]
@@ -123,3 +123,35 @@ def require(sd: StateDict, key: str, what: str) -> None:
     if key not in sd:
         found = ", ".join(list(sd)[:5])
         raise InputValueError(f"not {what}: it has no {key!r} (first keys: {found})")
+
+
+def pack_qkv(parts: Dict[str, Dict[str, torch.Tensor]]) -> StateDict:
+    """Separate q/k/v projections (transformers') -> ``nn.MultiheadAttention``'s packed
+    ``in_proj`` (the official layout): ``{packed name: {"q": t, "k": t, "v": t}}`` ->
+    ``{packed name: cat(q, k, v)}``, rows in q, k, v order.
+
+    Raises:
+        InputValueError: a packed name lacks one of the three, which is named.
+    """
+    out = {}
+    for name, projections in parts.items():
+        missing = [p for p in "qkv" if p not in projections]
+        if missing:
+            raise InputValueError(f"{name}: no {'/'.join(missing)} projection to pack")
+        out[name] = torch.cat([projections["q"], projections["k"], projections["v"]])
+    return out
+
+
+def model_by_marker(sd: StateDict, markers: Dict[str, str], what: str) -> str:
+    """The model of the first key of ``markers`` (key -> model) that ``sd`` has.
+
+    Raises:
+        InputValueError: ``sd`` has none; the message says it is not ``what`` and names the
+            markers and ``sd``'s first keys.
+    """
+    for key, model in markers.items():
+        if key in sd:
+            return model
+    found = ", ".join(list(sd)[:5])
+    raise InputValueError(f"not {what}: it has none of "
+                          f"{', '.join(repr(k) for k in markers)} (first keys: {found})")

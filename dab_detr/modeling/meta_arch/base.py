@@ -35,6 +35,7 @@ __all__ = [
     "init_heads",
     "resize_padding_mask",
     "single_scale_from_config",
+    "transformer_from_config",
 ]
 
 # MODEL.DAB_DETR.ACTIVATION -> the FFN activation
@@ -42,7 +43,8 @@ ACTIVATIONS = {"prelu": nn.PReLU, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
 class SetPredictionDetector(nn.Module):
-    """Base of ``DABDETR`` and ``DABDeformableDETR``: everything but the network."""
+    """Base of every meta-architecture here (``DABDETR``, ``DABDeformableDETR``, ``DETR``,
+    ``ConditionalDETR``): everything but the network."""
 
     def __init__(
         self,
@@ -59,7 +61,8 @@ class SetPredictionDetector(nn.Module):
             backbone: a Detectron2 backbone.
             criterion: training losses; its ``weight_dict`` weights them.
             aux_loss: also supervise the earlier decoder layers.
-            num_select: detections kept per image, top-k over queries x classes.
+            num_select: detections kept per image: top-k over queries x classes (DETR: over
+                queries, each with its best class; ``top_detections``).
             pixel_mean, pixel_std: per-channel normalisation, in the input channel order.
         """
         super().__init__()
@@ -437,4 +440,19 @@ def single_scale_from_config(cfg: CfgNode, model: str) -> Dict[str, Any]:
         "num_select": d.NUM_SELECT,
         "pixel_mean": cfg.MODEL.PIXEL_MEAN,
         "pixel_std": cfg.MODEL.PIXEL_STD,
+    }
+
+
+def transformer_from_config(cfg: CfgNode) -> Dict[str, Any]:
+    """The arguments every single-map transformer (DAB-DETR's, DETR's) takes from
+    ``MODEL.DAB_DETR``: width, heads, depths, FFN width, dropout and activation."""
+    d = cfg.MODEL.DAB_DETR
+    return {
+        "d_model": d.HIDDEN_DIM,
+        "nhead": d.NHEADS,
+        "num_encoder_layers": d.ENC_LAYERS,
+        "num_decoder_layers": d.DEC_LAYERS,
+        "dim_feedforward": d.DIM_FEEDFORWARD,
+        "dropout": d.DROPOUT,
+        "activation": ACTIVATIONS[d.ACTIVATION],
     }

@@ -18,12 +18,12 @@ from ...layers import MLP, PositionEmbeddingSine, refine_boxes
 from ..criterion import SetCriterion
 from ..transformer import DABTransformer
 from .base import (
-    ACTIVATIONS,
     SingleScaleDetector,
     build_set_criterion,
     denoising_from_config,
     init_heads,
     single_scale_from_config,
+    transformer_from_config,
 )
 
 __all__ = ["DABDETR"]
@@ -111,13 +111,7 @@ class DABDETR(SingleScaleDetector):
         else:
             bbox_embed = box_head()
         transformer = DABTransformer(
-            d_model=d.HIDDEN_DIM,
-            nhead=d.NHEADS,
-            num_encoder_layers=d.ENC_LAYERS,
-            num_decoder_layers=d.DEC_LAYERS,
-            dim_feedforward=d.DIM_FEEDFORWARD,
-            dropout=d.DROPOUT,
-            activation=ACTIVATIONS[d.ACTIVATION],
+            **transformer_from_config(cfg),
             num_patterns=d.NUM_PATTERNS,
             query_dim=d.QUERY_DIM,
             keep_query_pos=d.KEEP_QUERY_POS,

@@ -25,7 +25,12 @@ from torchvision.ops import box_convert
 from ...layers import MLP, PositionEmbeddingSine
 from ..criterion import SetCriterion
 from ..transformer import DABTransformer, DETRTransformer
-from .base import ACTIVATIONS, SingleScaleDetector, build_set_criterion, single_scale_from_config
+from .base import (
+    SingleScaleDetector,
+    build_set_criterion,
+    single_scale_from_config,
+    transformer_from_config,
+)
 from .dab_detr import DABDETR
 
 __all__ = ["ConditionalDETR", "DETR"]
@@ -94,15 +99,7 @@ class DETR(SingleScaleDetector):
         d = cfg.MODEL.DAB_DETR
         common = single_scale_from_config(cfg, "DETR")
         _refuse_dab_keys(cfg, "DETR")
-        transformer = DETRTransformer(
-            d_model=d.HIDDEN_DIM,
-            nhead=d.NHEADS,
-            num_encoder_layers=d.ENC_LAYERS,
-            num_decoder_layers=d.DEC_LAYERS,
-            dim_feedforward=d.DIM_FEEDFORWARD,
-            dropout=d.DROPOUT,
-            activation=ACTIVATIONS[d.ACTIVATION],
-        )
+        transformer = DETRTransformer(**transformer_from_config(cfg))
         return {
             **common,
             "transformer": transformer,
@@ -159,13 +156,7 @@ class ConditionalDETR(DABDETR):
         _refuse_dab_keys(cfg, "Conditional DETR")
         bbox_embed = MLP(d.HIDDEN_DIM, d.HIDDEN_DIM, 4, 3)
         transformer = DABTransformer(
-            d_model=d.HIDDEN_DIM,
-            nhead=d.NHEADS,
-            num_encoder_layers=d.ENC_LAYERS,
-            num_decoder_layers=d.DEC_LAYERS,
-            dim_feedforward=d.DIM_FEEDFORWARD,
-            dropout=d.DROPOUT,
-            activation=ACTIVATIONS[d.ACTIVATION],
+            **transformer_from_config(cfg),
             query_dim=2,
             keep_query_pos=d.KEEP_QUERY_POS,
             modulate_hw_attn=False,
