@@ -181,15 +181,16 @@ def test_an_unknown_meta_architecture_is_named(tmp_path, capsys):
 def test_a_model_that_torch_export_refuses_is_named_by_its_code(tmp_path, monkeypatch):
     """Data-dependent Python in the model (here a mask resize that branches on the mask's
     values) stops torch.export: the error names the model's function, not torch's stack."""
-    import dab_detr.modeling.meta_arch.dab_detr as dab_detr_module
+    import dab_detr.modeling.meta_arch.base as base_module
 
     def resize_by_value(mask, size):
         return resize_padding_mask(mask if mask.any() else ~mask, size)
 
-    monkeypatch.setattr(dab_detr_module, "resize_padding_mask", resize_by_value)
+    monkeypatch.setattr(base_module, "resize_padding_mask", resize_by_value)
     model = build_model(get_dab_detr_cfg(DAB_DETR, ["MODEL.WEIGHTS", "", *OPTS]))
+    # the single-map models' feature map (backbone, padding mask, position encoding)
     with pytest.raises(ExportError, match=r"could not capture DABDETR in dab_detr/modeling/"
-                       r"meta_arch/dab_detr.py:\d+ \(forward_predictions\): "
+                       r"meta_arch/base.py:\d+ \(feature_map\): "
                        r"GuardOnDataDependentSymNode"):
         export_onnx(model, str(tmp_path / "m.onnx"), EXPORT_SIZE)
     assert not os.path.exists(tmp_path / "m.onnx")
