@@ -103,6 +103,11 @@ def _cfg(variant: str, opts: List[str]):
     return get_dab_detr_cfg(path, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts])
 
 
+def config_queries(variant: str) -> int:
+    """The number of queries of ``variant``'s config (DETR: 100, the others: 300)."""
+    return _cfg(variant, []).MODEL.DAB_DETR.NUM_QUERIES
+
+
 def prepare_weights(variant: str, workdir: str, seed: int = 0) -> Dict[str, str]:
     """Random transformers weights for ``variant`` (one with a transformers counterpart),
     saved and converted for ours.
@@ -116,11 +121,14 @@ def prepare_weights(variant: str, workdir: str, seed: int = 0) -> Dict[str, str]
 
     torch.manual_seed(seed)
     v = VARIANTS[variant]
-    # dropout as ours (MODEL.DAB_DETR.DROPOUT: 0 for DAB-DETR, 0.1 for the baselines);
-    # auxiliary losses as ours (AUX_LOSS)
+    # dropout as ours (MODEL.DAB_DETR.DROPOUT: 0 for DAB-DETR, 0.1 for the baselines), where
+    # the official code has it: on the residuals, the attention weights and the FFN's hidden
+    # layer (transformers' attention_dropout and activation_dropout default to 0); auxiliary
+    # losses as ours (AUX_LOSS)
+    dropout = _cfg(variant, []).MODEL.DAB_DETR.DROPOUT
     config = getattr(transformers, f"{v.hf}Config")(
-        num_labels=91, dropout=_cfg(variant, []).MODEL.DAB_DETR.DROPOUT, auxiliary_loss=True,
-        **v.transformers,
+        num_labels=91, dropout=dropout, attention_dropout=dropout, activation_dropout=dropout,
+        auxiliary_loss=True, **v.transformers,
     )
     hf_dir = os.path.join(workdir, f"{variant}-transformers")
     getattr(transformers, f"{v.hf}ForObjectDetection")(config).save_pretrained(hf_dir)

@@ -8,7 +8,14 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from benchmarks.cases import NUM_QUERIES, VARIANTS, Case, build_model, make_step, model_key
+from benchmarks.cases import (
+    VARIANTS,
+    Case,
+    build_model,
+    config_queries,
+    make_step,
+    model_key,
+)
 from benchmarks.measure import peak_memory_cpu, peak_memory_cuda, time_interleaved
 
 
@@ -72,7 +79,8 @@ class Runner:
             "variant": case.variant, "train": case.train, "device": case.device,
             "dtype": case.autocast or "float32",
             "height": case.height, "width": case.width, "short_side": case.height,
-            "batch": case.batch, "num_queries": case.num_queries or NUM_QUERIES,
+            "batch": case.batch,
+            "num_queries": case.num_queries or config_queries(case.variant),
             "latency_ms": latency,
             "images_per_s": case.batch * 1000 / median if median else None,
             "peak_mib": peak.get("peak_mib"), "baseline_mib": peak.get("baseline_mib"),
