@@ -29,6 +29,7 @@ k blocks of one encoder layer's packed projection gives 1.4-3 in every layer.
 import pytest
 import torch
 from detectron2.modeling import build_model
+from test_equivalence_transformers import _images as transformers_test_images
 
 from conftest import config_path, load_cfg
 from dab_detr.checkpoint import DabDetrCheckpointer, coco_class_rows, convert_transformers
@@ -86,18 +87,9 @@ def _randomize(hf: torch.nn.Module) -> None:
 
 
 def _images():
-    """Two differently sized images with large uniform regions: a random backbone maps pure
-    noise to features that barely vary over the image."""
-    g = torch.Generator().manual_seed(2)
-    images = []
-    for h, w in [(150, 210), (190, 140)]:
-        img = torch.zeros(3, h, w)
-        for _ in range(6):
-            y = int(torch.randint(0, h - 20, (1,), generator=g))
-            x = int(torch.randint(0, w - 20, (1,), generator=g))
-            img[:, y : y + 60, x : x + 80] = torch.rand(3, 1, 1, generator=g) * 255
-        images.append(img.to(torch.uint8))
-    return [{"image": i} for i in images]
+    """The two test images of ``test_equivalence_transformers.py`` (differently sized, with
+    large uniform regions), as Detectron2 inputs."""
+    return [{"image": i} for i in transformers_test_images()]
 
 
 def _hf_inputs(model, batched):
