@@ -90,9 +90,9 @@ class DETR(SingleScaleDetector):
         self.transformer = transformer
         self.num_classes = num_classes
         # DETR keeps PyTorch's default initialisation of its heads
-        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
-        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)  # C -> K + 1
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)  # C -> 4 (cxcywh before sigmoid)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)  # (NQ, C)
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -177,7 +177,7 @@ class ConditionalDETR(DABDETR):
     def _init_anchors(self, num_queries: int, query_dim: int, random_refpoints_xy: bool) -> None:
         """The learned positional queries ``query_embed`` ``(NQ, C)``, N(0, 1) as
         ``nn.Embedding`` initialises them; the reference points are an MLP of them."""
-        self.query_embed = nn.Embedding(num_queries, self.transformer.d_model)
+        self.query_embed = nn.Embedding(num_queries, self.transformer.d_model)  # (NQ, C)
         self.refpoint_xy = None
 
     def anchors(self) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers import EncoderSelfAttention, PackedAttention, copy_first_parameters, post_norm_ffn
-from .encoder import TransformerEncoder, TransformerEncoderLayer
+from .encoder import TransformerEncoder
 
 __all__ = ["DETRDecoder", "DETRDecoderLayer", "DETRTransformer"]
 
@@ -110,11 +110,7 @@ class DETRTransformer(nn.Module):
         """Defaults: DETR's ``main.py``, which its released models use."""
         super().__init__()
         self.encoder = TransformerEncoder(
-            nn.ModuleList(
-                TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation)
-                for _ in range(num_encoder_layers)
-            ),
-            d_model,
+            d_model, nhead, num_encoder_layers, dim_feedforward, dropout, activation,
             scale_position=False,
         )
         self.decoder = DETRDecoder(

@@ -50,11 +50,30 @@ class TransformerEncoder(nn.Module):
     position encoding is scaled by an MLP of its input tokens, without it (DETR, Conditional
     DETR) every layer adds the encoding as it is."""
 
-    def __init__(self, layers: nn.ModuleList, d_model: int, scale_position: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        num_layers: int,
+        dim_feedforward: int,
+        dropout: float,
+        activation: Type[nn.Module],
+        scale_position: bool = True,
+    ):
+        """
+        Args:
+            d_model, nhead, dim_feedforward, dropout, activation: of each
+                ``TransformerEncoderLayer``.
+            num_layers: depth (0: the memory is the projected feature map itself).
+            scale_position: DAB-DETR's ``query_scale`` of the position encoding.
+        """
         super().__init__()
-        self.layers = layers
+        self.layers = nn.ModuleList(
+            TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation)
+            for _ in range(num_layers)
+        )
         # without layers (ENC_LAYERS 0) there is nothing to scale: no parameters left unused
-        scaled = scale_position and len(layers) > 0
+        scaled = scale_position and num_layers > 0
         self.query_scale = MLP(d_model, d_model, d_model, 2) if scaled else None
 
     def forward(

@@ -15,7 +15,7 @@ from torch import nn
 
 from ...layers import copy_first_parameters
 from .decoder import TransformerDecoder
-from .encoder import TransformerEncoder, TransformerEncoderLayer
+from .encoder import TransformerEncoder
 
 __all__ = ["DABTransformer"]
 
@@ -57,11 +57,7 @@ class DABTransformer(nn.Module):
         """
         super().__init__()
         self.encoder = TransformerEncoder(
-            nn.ModuleList(
-                TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation)
-                for _ in range(num_encoder_layers)
-            ),
-            d_model,
+            d_model, nhead, num_encoder_layers, dim_feedforward, dropout, activation,
             scale_position=scale_encoder_position,
         )
         self.decoder = TransformerDecoder(
