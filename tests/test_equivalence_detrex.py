@@ -62,17 +62,18 @@ BOXES_TOL = dict(rtol=0.0, atol=1e-7)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Iterator[Path]:
-    """A folder for the module's weight files, removed afterwards (~170 MB each)."""
-    path = tmp_path_factory.mktemp("detrex")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.fixture(scope="module", params=list(MODELS))
 def model_name(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, model_name: str) -> Iterator[Path]:
+    """A folder for one model's weight files (~170 MB each), removed when the module moves on
+    to the next model."""
+    path = tmp_path_factory.mktemp(model_name)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -90,17 +90,18 @@ def _convert(workdir: Path, model_name: str, config_file: str, name: str) -> dic
     return torch.load(target, map_location="cpu", weights_only=True)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Iterator[Path]:
-    """A folder for the module's weight files, removed afterwards: each is ~350 MB in float64."""
-    path = tmp_path_factory.mktemp("official")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.fixture(scope="module", params=list(MODELS))
 def model_name(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, model_name: str) -> Iterator[Path]:
+    """A folder for one model's weight files (~350 MB each in float64), removed when the
+    module moves on to the next model, so that the files of one model at most are on disk."""
+    path = tmp_path_factory.mktemp(model_name)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ the queries differ; in float32 the models agree within 4e-3 and 4e-4 only). Swap
 k blocks of one encoder layer's packed projection gives 1.4-3 in every layer.
 """
 
+import shutil
+
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -157,7 +159,8 @@ def pair(request, tmp_path_factory):
                   str(folder / "hf"), str(out)])
     # strict: no missing and no unexpected tensors
     model.load_state_dict(torch.load(out, weights_only=True)["model"], strict=True)
-    return name, hf, model, folder
+    yield name, hf, model, folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _converted(path) -> dict:
