@@ -1,6 +1,6 @@
 """DAB-DETR as a Detectron2 project: ``import dab_detr`` registers the ``DABDETR``,
-``DABDeformableDETR``, ``DETR`` and ``ConditionalDETR`` meta-architectures and their backbone,
-and exposes ``add_dab_detr_config``.
+``DABDeformableDETR``, ``DETR``, ``ConditionalDETR`` and ``DINO`` meta-architectures and their
+backbone, and exposes ``add_dab_detr_config``.
 
 Layout: ``layers`` (building blocks) and ``modeling`` (the models) are plain PyTorch and
 import without Detectron2; ``modeling.meta_arch``, ``config``, ``data``, ``engine`` and
@@ -13,7 +13,7 @@ from ._compat import apply as _apply_compat
 from ._compat import quiet_dependency_imports as _quiet_dependency_imports
 
 __all__ = [
-    "DABDETR", "DABDeformableDETR", "DETR", "ConditionalDETR", "add_dab_detr_config",
+    "DABDETR", "DABDeformableDETR", "DETR", "ConditionalDETR", "DINO", "add_dab_detr_config",
     "get_dab_detr_cfg",
 ]
 __version__ = "0.1.0"
@@ -32,7 +32,7 @@ if _detectron2_installed():
         from .config import add_dab_detr_config, get_dab_detr_cfg
 
         # import registers them
-        from .modeling.meta_arch import DABDETR, DETR, ConditionalDETR, DABDeformableDETR
+        from .modeling.meta_arch import DABDETR, DETR, DINO, ConditionalDETR, DABDeformableDETR
 else:
 
     def __getattr__(name: str):

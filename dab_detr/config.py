@@ -117,8 +117,34 @@ def add_dab_detr_config(cfg: CN) -> None:
     # best class; the selected tokens' enc_output_norm(enc_output(memory)), detached).
     d.DEFORMABLE.TWO_STAGE_QUERY = "official"
 
+    # DINO (MODEL.META_ARCHITECTURE "DINO", Zhang et al., ICLR 2023): DAB-Deformable-DETR's
+    # two-stage model with DINO's query selection (TWO_STAGE_QUERY is "dino" whatever it says),
+    # contrastive denoising, look-forward-twice boxes, one decoder box and class head shared by
+    # the layers, and a final decoder norm. It reads NUM_QUERIES (900: the selected proposals),
+    # the transformer keys, DEFORMABLE.NUM_FEATURE_LEVELS / ENC_N_POINTS / DEC_N_POINTS, the loss
+    # and cost weights (each for the decoder layers, the selected proposals "_interm" and the
+    # denoising queries), DN.ENABLED, DN.LABEL_NOISE (DINO's dn_label_noise_ratio, 0.5: half of
+    # it is the probability of a redrawn label) and DN.BOX_NOISE (lambda: 1.0); DN.NUM_GROUPS is
+    # replaced by DINO.DN_NUMBER.
+    d.DINO = CN()
+    # Positive denoising queries per image at most (dn_number): each batch gets
+    # max(1, DN_NUMBER // its largest object count) groups of positives and as many negatives.
+    d.DINO.DN_NUMBER = 100
+    # A layer's reported boxes refine the previous layer's boxes before they are detached, so
+    # that its loss also trains the previous layer's box head (DINO's "look forward twice");
+    # False: "look forward once", as DAB-Deformable-DETR.
+    d.DINO.LOOK_FORWARD_TWICE = True
+    # The image position encoding's pixel offset: 0.0 encodes pixel k (from 1) as k / n (DINO),
+    # -0.5 as its centre (k - 0.5) / n (Deformable DETR; detrex's 12-epoch DINO releases,
+    # trained with PE_TEMPERATURE_H/W 10000).
+    d.DINO.PE_OFFSET = 0.0
+
     # Learning-rate factor of the backbone relative to SOLVER.BASE_LR.
     _C.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Learning-rate factor of the deformable attentions' sampling offsets (and learned
+    # reference points) relative to SOLVER.BASE_LR: 0.1 in Deformable DETR and DINO
+    # (lr_linear_proj_mult); 1.0 keeps them in the main group.
+    _C.SOLVER.LINEAR_PROJ_MULTIPLIER = 1.0
     # "ADAMW" (the paper's optimizer) or "SGD".
     _C.SOLVER.OPTIMIZER = "ADAMW"
     # Passes over DATASETS.TRAIN to train for, instead of SOLVER.MAX_ITER (0: MAX_ITER and

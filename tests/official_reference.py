@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "DETR_REFERENCE_DIR", "INITS", "REFERENCE_DIR", "load_images", "load_outputs",
+    "DETR_REFERENCE_DIR", "DINO_REFERENCE_DIR", "INITS", "REFERENCE_DIR", "load_images", "load_outputs",
     "official_state_dict", "stack_layers",
 ]
 
@@ -27,6 +27,8 @@ __all__ = [
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "official_outputs")
 # The same for DETR and Conditional DETR (facebookresearch/detr, Atten4Vis/ConditionalDETR).
 DETR_REFERENCE_DIR = os.path.join(os.path.dirname(REFERENCE_DIR), "detr_outputs")
+# The same for DINO (IDEA-Research/DINO), with the selected encoder proposals.
+DINO_REFERENCE_DIR = os.path.join(os.path.dirname(REFERENCE_DIR), "dino_outputs")
 
 # init kind -> value of the tensor from z ~ N(0, 1) of its shape (the README's table)
 INITS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -45,7 +47,7 @@ def official_state_dict(json_path: str) -> Dict[str, torch.Tensor]:
 
     Each tensor is ``INITS[init](z)`` with ``z = torch.randn(shape, dtype=float64)`` drawn from
     a generator seeded with ``seed + crc32(key)``: a tensor's value depends on its name only,
-    not on the order of the listing.
+    not on the order of the listing. An entry with ``same_as`` takes that earlier entry's value.
     """
     with open(json_path) as f:
         spec = json.load(f)
@@ -53,6 +55,10 @@ def official_state_dict(json_path: str) -> Dict[str, torch.Tensor]:
     sd = {}
     for entry in spec["entries"]:
         key, shape, init = entry["key"], entry["shape"], entry["init"]
+        if "same_as" in entry:
+            # one module under several names (DINO's shared heads): the first name's value
+            sd[key] = sd[entry["same_as"]]
+            continue
         if init not in INITS:
             raise ValueError(f"{json_path}: {key} has an unknown init {init!r}")
         g = torch.Generator().manual_seed(seed + zlib.crc32(key.encode()))
@@ -72,7 +78,9 @@ def load_outputs(path: str, run: str) -> Dict[str, torch.Tensor]:
     ``(L, B, Q, K)`` before the sigmoid, and ``boxes`` ``(L, B, Q, 4)`` cxcywh normalised by
     each image's own (unpadded) size; first decoder layer first."""
     with np.load(path) as data:
-        return {k: torch.from_numpy(data[f"{run}_{k}"]) for k in ("logits", "boxes")}
+        # DINO's also have interm_logits (B, Q, K) and interm_boxes (B, Q, 4)
+        keys = [k[len(run) + 1 :] for k in data.files if k.startswith(f"{run}_")]
+        return {k: torch.from_numpy(data[f"{run}_{k}"]) for k in keys}
 
 
 def stack_layers(outputs: Dict[str, object], key: str) -> torch.Tensor:

@@ -56,6 +56,8 @@ def test_config_trains_and_infers(name):
     suffixes = [str(i) for i in range(d.DEC_LAYERS - 1)]
     if cfg.MODEL.META_ARCHITECTURE == "DABDeformableDETR" and d.DEFORMABLE.TWO_STAGE:
         suffixes.append("enc")  # the encoder proposals' losses
+    if cfg.MODEL.META_ARCHITECTURE == "DINO":
+        suffixes.append("interm")  # the selected proposals' losses
     if d.DN.ENABLED:  # the denoising queries' losses, every layer
         suffixes += ["dn"] + [f"dn_{i}" for i in range(d.DEC_LAYERS - 1)]
     expected_keys |= {f"{k}_{s}" for k in list(expected_keys) for s in suffixes}

@@ -1,6 +1,7 @@
-"""Denoising training (DN-DETR) for both families: the noise, the attention mask's three rules,
-padding, the independence of the matching queries, the losses, and a DDP step in which a
-worker has no object. (The DN checkpoints' inference is in test_equivalence_official.py.)"""
+"""Denoising training (DN-DETR) for both families and DINO's contrastive denoising: the
+noise, the attention mask's three rules, padding, the independence of the matching queries,
+the losses, and a DDP step in which a worker has no object (DINO's own noise and negatives:
+test_dino.py). (The DN checkpoints' inference is in test_equivalence_official.py.)"""
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ from dab_detr.modeling.denoising import denoising_attn_mask, make_denoising_quer
 
 DAB = config_path("quick_schedules/dab_detr_R_18_shapes.yaml")
 DEFORMABLE = config_path("quick_schedules/dab_deformable_detr_R_18_shapes.yaml")
-FAMILIES = {"dab_detr": DAB, "deformable": DEFORMABLE}
+DINO = config_path("quick_schedules/dino_R_18_shapes.yaml")
+FAMILIES = {"dab_detr": DAB, "deformable": DEFORMABLE, "dino": DINO}
 K = 5  # the shapes configs' classes
 
 

@@ -1,7 +1,8 @@
 """This project's models against the official implementations: DAB-DETR and
 DAB-Deformable-DETR (IDEA-Research/DAB-DETR), their DN-DETR models (IDEA-Research/DN-DETR),
-DETR (facebookresearch/detr) and Conditional DETR (Atten4Vis/ConditionalDETR): the outputs of
-every decoder layer, for weights rebuilt by the rule of
+DETR (facebookresearch/detr), Conditional DETR (Atten4Vis/ConditionalDETR) and DINO-4scale and
+-5scale (IDEA-Research/DINO, and its selected encoder proposals): the outputs of every decoder
+layer, for weights rebuilt by the rule of
 the reference data (see ``official_reference.py``) and converted as a user would, with
 ``python -m dab_detr.convert --source official --config-file ...``.
 
@@ -30,11 +31,13 @@ from dab_detr.config import get_dab_detr_cfg
 from dab_detr.convert import main as convert_main
 from official_reference import (
     DETR_REFERENCE_DIR,
+    DINO_REFERENCE_DIR,
     REFERENCE_DIR,
     RUNS,
     Prediction,
     assert_layers_close,
     load_images,
+    load_outputs,
     official_state_dict,
     prediction_runner,
     reference_outputs,
@@ -63,6 +66,11 @@ MODELS = {
     "dn_dab_detr_r50": ("COCO-Detection/dn_dab_detr_R_50_50ep.yaml", 5e-7, 1e-7),
     "dn_dab_deformable_detr_r50": ("COCO-Detection/dn_dab_deformable_detr_R_50_50ep.yaml", 5e-7,
                                    1e-7),
+    # DINO (its reference is in DINO_REFERENCE_DIR), 900 queries. Measured, in every layer and
+    # run: at most 2.4e-7 on the logits and 3.5e-8 on the boxes (4 and 5 scales); the selected
+    # proposals (test_same_selected_proposals_as_official) 1.7e-7 and 3.2e-8.
+    "dino_4scale_r50": ("COCO-Detection/dino_R_50_4scale_12ep.yaml", 5e-7, 1e-7),
+    "dino_5scale_r50": ("COCO-Detection/dino_R_50_5scale_12ep.yaml", 5e-7, 1e-7),
 }
 # What the official models take: (x / 255 - mean) / std, in RGB.
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(3, 1, 1)
@@ -74,6 +82,8 @@ BASELINES = ("detr_r50", "conditional_detr_r50")
 
 def _reference_dir(model_name: str) -> str:
     """The folder of the model's reference outputs."""
+    if model_name.startswith("dino_"):
+        return DINO_REFERENCE_DIR
     return DETR_REFERENCE_DIR if model_name in BASELINES else REFERENCE_DIR
 
 
@@ -178,7 +188,8 @@ def test_every_decoder_layer_matches_official(model_name, predict, tolerances, r
     logits_tol, boxes_tol = tolerances
     # the comparison means something only if queries and classes differ
     assert ref["logits"].std() > 0.5 and ref["boxes"].std() > 0.05
-    queries, outputs = {"detr_r50": (100, 92)}.get(model_name, (300, 91))
+    queries, outputs = {"detr_r50": (100, 92), "dino_4scale_r50": (900, 91),
+                        "dino_5scale_r50": (900, 91)}.get(model_name, (300, 91))
     assert logits.shape == (6, len(RUNS[run]), queries, outputs)
     assert_layers_close(logits, ref["logits"], f"{run} logits", **logits_tol)
     assert_layers_close(boxes, ref["boxes"], f"{run} boxes", **boxes_tol)
@@ -202,6 +213,27 @@ def test_padded_image_matches_official_batch(model_name, predict, tolerances):
     torch.testing.assert_close(logits[:, 0:1], predict("image0")[0], rtol=0, atol=1e-12)
 
 
+def test_same_selected_proposals_as_official(model_name, model, images, tolerances):
+    """DINO: the encoder proposals chosen as the decoder's queries, in query order (their
+    scores and their boxes, the decoder's first anchors), as the official ``interm_outputs``.
+    In DINO-5scale's batch, every one of image1's 900 is a masked border or padding token (box
+    exactly 1, the same finite scores), as in the official model."""
+    if not model_name.startswith("dino_"):
+        pytest.skip("DINO's selected proposals")
+    logits_tol, boxes_tol = tolerances
+    for run in RUNS:
+        ref = load_outputs(os.path.join(DINO_REFERENCE_DIR, f"{model_name}_outputs.npz"), run)
+        with torch.no_grad():
+            batch = model.preprocess_image([{"image": images[k]} for k in RUNS[run]])
+            interm = model.forward_predictions(batch, with_aux=True)["interm_outputs"]
+        torch.testing.assert_close(interm["pred_logits"], ref["interm_logits"].double(),
+                                   **logits_tol, msg=lambda m, run=run: f"{run}: {m}")
+        torch.testing.assert_close(interm["pred_boxes"], ref["interm_boxes"].double(),
+                                   **boxes_tol, msg=lambda m, run=run: f"{run}: {m}")
+        if run == "batch" and model_name == "dino_5scale_r50":
+            assert (interm["pred_boxes"][1] == 1).all()
+
+
 def test_coco_config_keeps_the_80_coco_rows(workdir, model_name, converted):
     """The stock 80-class config gets the same weights, its class head the rows of the 80 COCO
     categories in Detectron2's order: its logits are the official ones at those ids."""
@@ -210,7 +242,8 @@ def test_coco_config_keeps_the_80_coco_rows(workdir, model_name, converted):
     assert sd.keys() == converted.keys()
     rows = torch.as_tensor(coco_class_rows())
     for k, v in converted.items():
-        if k.startswith("class_embed.") and model_name != "detr_r50":
+        is_head = k.startswith(("class_embed.", "transformer.proposals.enc_out_class_embed."))
+        if is_head and model_name != "detr_r50":
             expected = v[rows]
         elif k == "label_enc.weight" or k.startswith("class_embed."):
             # DN-DETR's label embedding, DETR's class head: a row per class, then "no object"

@@ -8,8 +8,8 @@ how their AP grows.
 
 Variants: ``full`` (configs/quick_schedules/dab_detr_R_18_shapes.yaml) and every config in
 configs/quick_schedules/ablations/, named by file; on request (``--variants``) also
-``dab_deformable_detr``, ``dn_dab_detr`` (the same model trained with denoising queries), and
-the baselines ``detr`` and ``conditional_detr`` (each
+``dab_deformable_detr``, ``dn_dab_detr`` (the same model trained with denoising queries),
+the baselines ``detr`` and ``conditional_detr``, and ``dn_dab_deformable_detr`` and ``dino`` (each
 configs/quick_schedules/<name>_R_18_shapes.yaml) with the same budget. Each
 runs ``train_net.py`` in a subprocess with ``SOLVER.MAX_ITER``, ``SOLVER.STEPS`` scaled from
 the config's schedule, ``TEST.EVAL_PERIOD``, ``SEED`` and ``OUTPUT_DIR <output-dir>/<variant>``;
@@ -58,6 +58,10 @@ OTHER_MODELS = {
     "detr": os.path.join(REPO, "configs", "quick_schedules", "detr_R_18_shapes.yaml"),
     "conditional_detr": os.path.join(REPO, "configs", "quick_schedules",
                                      "conditional_detr_R_18_shapes.yaml"),
+    # DINO and its baseline
+    "dn_dab_deformable_detr": os.path.join(REPO, "configs", "quick_schedules",
+                                           "dn_dab_deformable_detr_R_18_shapes.yaml"),
+    "dino": os.path.join(REPO, "configs", "quick_schedules", "dino_R_18_shapes.yaml"),
 }
 
 

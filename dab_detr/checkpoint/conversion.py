@@ -4,8 +4,8 @@
 Sources:
   official      ``{"model": state_dict, ...}`` checkpoints of IDEA-Research/DAB-DETR (DAB-DETR,
                 DAB-Deformable-DETR), IDEA-Research/DN-DETR (their DN models),
-                facebookresearch/detr (DETR) and Atten4Vis/ConditionalDETR, released or
-                written by the ``main.py`` of any of them.
+                facebookresearch/detr (DETR), Atten4Vis/ConditionalDETR and
+                IDEA-Research/DINO, released or written by the ``main.py`` of any of them.
   transformers  ``DabDetrForObjectDetection``, ``DetrForObjectDetection`` or
                 ``ConditionalDetrForObjectDetection`` weights: a directory, ``.safetensors`` or
                 ``.bin`` (DETR and Conditional DETR: ``detr_transformers.py``).
@@ -83,6 +83,7 @@ _TRANSFORMERS_RULES: List[Rule] = [
 
 # a name only the official checkpoints of each model have -> the model
 _OFFICIAL_MODELS = {
+    "transformer.tgt_embed.weight": "DINO",
     "refpoint_embed.weight": "DAB-DETR",  # DAB-DETR, DAB-Deformable-DETR and DN-DETR's
     "transformer.decoder.layers.0.multihead_attn.in_proj_weight": "DETR",
     "transformer.decoder.ref_point_head.layers.1.weight": "Conditional DETR",
@@ -91,19 +92,69 @@ _OFFICIAL_MODELS = {
 
 def official_model(sd: StateDict) -> str:
     """Which official model's checkpoint ``sd`` is: ``"DAB-DETR"`` (the DAB-DETR and DN-DETR
-    repositories' models), ``"DETR"`` or ``"Conditional DETR"``."""
+    repositories' models), ``"DETR"``, ``"Conditional DETR"`` or ``"DINO"``."""
     return model_by_marker(sd, _OFFICIAL_MODELS, "a checkpoint of the official DAB-DETR, "
-                           "DN-DETR, DETR or Conditional DETR code")
+                           "DN-DETR, DETR, Conditional DETR or DINO code")
+
+
+# DINO's proposal selection: the official transformer's modules -> this project's
+# EncoderProposals (``transformer.proposals``)
+_DINO_PROPOSALS = re.compile(
+    r"transformer\.(enc_output|enc_output_norm|enc_out_class_embed|enc_out_bbox_embed"
+    r"|tgt_embed)\.(.+)"
+)
+# DINO's decoder heads: one module each, registered under twelve names (one per layer, in the
+# decoder and in the detector); the group is the name inside the head
+_DINO_SHARED_HEADS = re.compile(
+    r"(?:transformer\.decoder\.)?(class_embed|bbox_embed)\.\d+\.(.+)"
+)
+
+
+def _convert_official_dino(sd: StateDict) -> StateDict:
+    """DINO's non-backbone tensors -> this project's names: the proposal modules under
+    ``transformer.proposals.``, and each shared decoder head once as ``class_embed.*`` and
+    ``bbox_embed.*`` (plus the decoder's ``transformer.decoder.bbox_embed.*``, the same
+    module), after checking that its twelve names hold one value.
+
+    Raises:
+        InputValueError: the names of one head hold different values (then the checkpoint is
+            not the official model's, whose heads are shared), naming two of them.
+    """
+    out: StateDict = {}
+    first: Dict[str, str] = {}
+    for k, v in sd.items():
+        if k.startswith("backbone."):
+            continue
+        m = _DINO_SHARED_HEADS.fullmatch(k)
+        if m:
+            name = f"{m[1]}.{m[2]}"
+            if name not in out:
+                out[name], first[name] = v, k
+            elif not torch.equal(out[name], v):
+                raise InputValueError(
+                    f"{first[name]} and {k} differ: DINO's decoder heads are shared by its "
+                    "layers, so every name of one head holds the same tensor")
+            continue
+        m = _DINO_PROPOSALS.fullmatch(k)
+        out[f"transformer.proposals.{m[1]}.{m[2]}" if m else k] = v
+    for k in [k for k in out if k.startswith("bbox_embed.")]:
+        out["transformer.decoder." + k] = out[k]
+    return out
 
 
 def convert_official(sd: StateDict, num_classes: Optional[int] = 80) -> StateDict:
     """Checkpoint released with a paper (DAB-DETR, DAB-Deformable-DETR, their DN-DETR models,
-    DETR or Conditional DETR) -> this project's names: the ResNet's are Detectron2's, the
-    others are kept (the models here use the official names). The class heads are laid out for
+    DETR, Conditional DETR or DINO) -> this project's names: the ResNet's are Detectron2's, the
+    others are kept (the models here use the official names; DINO's: see
+    :func:`_convert_official_dino`). The class heads are laid out for
     ``num_classes`` (None: kept as they are); DETR's keeps its "no object" row last."""
     sd = sd.get("model", sd)
     model = official_model(sd)
     out = convert_resnet(sd, "backbone.0.body.")
+    if model == "DINO":
+        out.update(_convert_official_dino(sd))
+        map_class_head(out, num_classes)
+        return out
     out.update({k: v for k, v in sd.items() if not k.startswith("backbone.")})
     # The decoder's box heads are the detector's (one module under two names). A checkpoint
     # holds both copies; the official model loads bbox_embed.* last, so that copy is the one

@@ -7,22 +7,42 @@ from typing import Dict, List, Type
 import torch
 from detectron2.config import CfgNode
 
-__all__ = ["build_optimizer", "optimizer_param_groups"]
+__all__ = ["LINEAR_PROJ_NAMES", "build_optimizer", "optimizer_param_groups"]
+
+
+# parameters of the deformable attentions that Deformable DETR and DINO train at a lower rate
+# (their lr_linear_proj_names): the sampling offsets, and the reference points of models that
+# learn them
+LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
 
 
 def optimizer_param_groups(
-    model: torch.nn.Module, base_lr: float, backbone_multiplier: float
+    model: torch.nn.Module,
+    base_lr: float,
+    backbone_multiplier: float,
+    linear_proj_multiplier: float = 1.0,
 ) -> List[Dict]:
-    """Two groups: the backbone's trainable parameters at ``base_lr * backbone_multiplier``
-    and every other trainable parameter at ``base_lr``; each parameter in exactly one."""
-    backbone, others = [], []
+    """The backbone's trainable parameters at ``base_lr * backbone_multiplier`` and every other
+    trainable parameter at ``base_lr``; with ``linear_proj_multiplier`` other than 1, a third
+    group: the parameters named by ``LINEAR_PROJ_NAMES`` (outside the backbone) at
+    ``base_lr * linear_proj_multiplier``. Each parameter in exactly one group."""
+    backbone, others, linear_proj = [], [], []
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            (backbone if name.startswith("backbone.") else others).append(param)
-    return [
+        if not param.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            backbone.append(param)
+        elif linear_proj_multiplier != 1.0 and any(k in name for k in LINEAR_PROJ_NAMES):
+            linear_proj.append(param)
+        else:
+            others.append(param)
+    groups = [
         {"params": others, "lr": base_lr},
         {"params": backbone, "lr": base_lr * backbone_multiplier},
     ]
+    if linear_proj:
+        groups.append({"params": linear_proj, "lr": base_lr * linear_proj_multiplier})
+    return groups
 
 
 def _with_full_model_clipping(
@@ -58,12 +78,13 @@ def _fused_adamw_runs_on(device: torch.device) -> bool:
 
 
 def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Optimizer from ``SOLVER.{OPTIMIZER, BASE_LR, BACKBONE_MULTIPLIER, WEIGHT_DECAY,
-    MOMENTUM, CLIP_GRADIENTS}``. ``CLIP_TYPE: full_model`` clips the global gradient norm to
+    """Optimizer from ``SOLVER.{OPTIMIZER, BASE_LR, BACKBONE_MULTIPLIER,
+    LINEAR_PROJ_MULTIPLIER, WEIGHT_DECAY, MOMENTUM, CLIP_GRADIENTS}``. ``CLIP_TYPE: full_model`` clips the global gradient norm to
     ``CLIP_VALUE``. AdamW is torch's fused implementation where there is one for the model's
     device (the same update, up to rounding)."""
     s = cfg.SOLVER
-    groups = optimizer_param_groups(model, s.BASE_LR, s.BACKBONE_MULTIPLIER)
+    groups = optimizer_param_groups(model, s.BASE_LR, s.BACKBONE_MULTIPLIER,
+                                    s.LINEAR_PROJ_MULTIPLIER)
     name = s.OPTIMIZER.upper()
     if name == "ADAMW":
         optimizer_type = torch.optim.AdamW

@@ -1,7 +1,8 @@
 """The set criterion of every family: sigmoid focal classification (DETR: softmax
 cross-entropy with a "no object" class), L1 and GIoU box losses on Hungarian-matched pairs,
 for the final and every auxiliary decoder layer; on the same terms, the two-stage proposals
-(class-agnostic, ``_enc``) and the denoising queries (their own objects, no matching, ``_dn``).
+(class-agnostic, ``_enc``; DINO's, with classes, ``_interm``) and the denoising queries (their own
+objects, no matching, ``_dn``).
 
 Shapes: B batch, NQ queries, K classes, N_i target boxes of image i. Boxes are cxcywh
 normalised to [0, 1].
@@ -119,7 +120,8 @@ class SetCriterion(nn.Module):
             Unweighted losses: ``loss_ce``, ``loss_bbox``, ``loss_giou``, then the same
             with suffix ``_i`` for auxiliary layer i, and ``_enc`` for the proposals, which
             are matched class-agnostically (every target of class 0), as in Deformable DETR;
-            with ``dn_outputs``, the denoising terms of :meth:`denoising_losses`.
+            ``_interm`` for ``interm_outputs``, DINO's selected proposals, matched with their
+            classes; with ``dn_outputs``, the denoising terms of :meth:`denoising_losses`.
         """
         num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
         losses = self._layer_losses(outputs, targets, num_boxes)
@@ -132,6 +134,9 @@ class SetCriterion(nn.Module):
             agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             enc_losses = self._layer_losses(outputs["enc_outputs"], agnostic, num_boxes)
             losses.update({f"{k}_enc": v for k, v in enc_losses.items()})
+        if "interm_outputs" in outputs:
+            interm_losses = self._layer_losses(outputs["interm_outputs"], targets, num_boxes)
+            losses.update({f"{k}_interm": v for k, v in interm_losses.items()})
         return losses
 
     def denoising_losses(self, dn: Dict, num_boxes: float) -> Dict[str, torch.Tensor]:
@@ -141,7 +146,8 @@ class SetCriterion(nn.Module):
         Args:
             dn: ``pred_logits`` ``(L, B, PAD, K)`` and ``pred_boxes`` ``(L, B, PAD, 4)`` of the
                 denoising queries, and ``batch_idx``, ``slot``, ``labels``, ``boxes``,
-                ``num_groups`` of :class:`~dab_detr.modeling.denoising.DenoisingQueries`.
+                ``num_groups`` and ``positive`` of
+                :class:`~dab_detr.modeling.denoising.DenoisingQueries`.
             num_boxes: the matching loss's normaliser; these terms are divided by it times the
                 number of groups (each object is reconstructed once per group).
 
@@ -154,6 +160,10 @@ class SetCriterion(nn.Module):
         boxes = dn["pred_boxes"][:, dn["batch_idx"], dn["slot"]]
         target = [{"labels": dn["labels"], "boxes": dn["boxes"]}]
         identity = torch.arange(len(dn["labels"]), device=logits.device)
+        if dn.get("positive") is not None:
+            # contrastive (DINO): only the positives reconstruct their object; the negatives
+            # are unmatched, "no object" in the class loss
+            identity = identity[dn["positive"]]
         indices = [(identity, identity)]  # query i reconstructs object i
         norm = num_boxes * dn["num_groups"]
         layers = len(logits)

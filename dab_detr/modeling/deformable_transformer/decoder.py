@@ -8,6 +8,13 @@ on by ``query_scale`` of the content; it is added to the content for the self-at
 queries and keys and for the cross-attention's query. After each layer the box head refines
 the anchors (``refine_boxes``), detached before the next layer.
 
+DINO's decoder (Zhang et al., ICLR 2023) is the same stack with three switches: no
+``query_scale``; a final ``norm`` before the heads, so that a layer's reported boxes are made
+from its normed output while the next layer's anchors come from its raw output; and "look
+forward twice": a layer's reported boxes refine the previous layer's boxes *before* they are
+detached, so that the later layer's loss reaches the earlier layer's box head. Its box head is
+one module shared by all layers.
+
 Shapes: B batch, NQ queries, S memory tokens over L levels, C channels, N layers.
 """
 
@@ -93,23 +100,45 @@ class DeformableDecoderLayer(nn.Module):
 class DABDeformableDecoder(nn.Module):
     """A stack of :class:`DeformableDecoderLayer` that refines the anchors after every layer."""
 
-    def __init__(self, layers: nn.ModuleList, d_model: int, bbox_embed: nn.ModuleList):
+    def __init__(
+        self,
+        layers: nn.ModuleList,
+        d_model: int,
+        bbox_embed: nn.Module,
+        query_scale: bool = True,
+        final_norm: bool = False,
+        look_forward_twice: bool = False,
+    ):
         """
         Args:
             layers: the N decoder layers.
             d_model: C.
-            bbox_embed: one box head per layer (``(..., C) -> (..., 4)`` deltas in
-                inverse-sigmoid space), shared with the detector, which owns them.
+            bbox_embed: one box head per layer, an ``nn.ModuleList`` (``(..., C) -> (..., 4)``
+                deltas in inverse-sigmoid space), or one head that every layer shares
+                (DINO); shared with the detector, which owns them.
+            query_scale: scale the positional query by an MLP of the content from the second
+                layer on (DAB-Deformable-DETR); DINO has no such scale.
+            final_norm: a LayerNorm ``norm`` of every layer's output before the heads (DINO).
+            look_forward_twice: every layer's reported boxes refine the previous layer's boxes
+                before they are detached (DINO); False: the anchors that layer used.
         """
         super().__init__()
-        if len(bbox_embed) < len(layers):
+        if isinstance(bbox_embed, nn.ModuleList) and len(bbox_embed) < len(layers):
             raise ValueError(f"{len(layers)} decoder layers need as many box heads, got "
                              f"{len(bbox_embed)}")
         self.layers = layers
         self.d_model = d_model
-        self.query_scale = MLP(d_model, d_model, d_model, 2)
+        self.query_scale = MLP(d_model, d_model, d_model, 2) if query_scale else None
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.bbox_embed = bbox_embed
+        self.norm = nn.LayerNorm(d_model) if final_norm else None
+        self.look_forward_twice = look_forward_twice
+
+    def box_head(self, layer_id: int) -> nn.Module:
+        """The box head of layer ``layer_id``."""
+        if isinstance(self.bbox_embed, nn.ModuleList):
+            return self.bbox_embed[layer_id]
+        return self.bbox_embed
 
     def forward(
         self,
@@ -133,29 +162,40 @@ class DABDeformableDecoder(nn.Module):
             self_attn_mask: see :class:`DeformableDecoderLayer`.
 
         Returns:
-            hs: ``(N, B, NQ, C)`` every layer's output.
-            boxes: ``(N, B, NQ, 4)`` every layer's boxes: its input anchors refined by its box
-                head (gradients reach the anchors of the first layer only; the later layers'
-                are detached).
-            references: ``(N, B, NQ, 4)`` the anchors each layer used.
+            hs: ``(N, B, NQ, C)`` every layer's output (after ``norm`` with a final norm).
+            boxes: ``(N, B, NQ, 4)`` every layer's boxes: its reference refined by its box
+                head applied to its ``hs``. The reference is the anchors the layer used
+                (gradients reach the anchors of the first layer only; the later layers' are
+                detached), or with ``look_forward_twice`` the previous layer's boxes before
+                they were detached.
+            references: ``(N, B, NQ, 4)`` those references.
         """
         # (B, L, 2) -> (B, 1, L, 4): (w, h, w, h) ratios scale cxcywh anchors to each level
         box_ratios = torch.cat([ratios, ratios], -1)[:, None]
         hs, boxes, references = [], [], []
+        reference = anchors  # what this layer's reported boxes refine
         for layer_id, layer in enumerate(self.layers):
-            references.append(anchors)
+            references.append(reference)
             reference_boxes = anchors[:, :, None] * box_ratios  # (B, NQ, L, 4)
             # the positional query embeds the anchor as seen on the first level
             query_pos = self.ref_point_head(
                 box_sine_embedding(reference_boxes[:, :, 0], self.d_model // 2)
             )
-            if layer_id > 0:  # the first layer uses the embedding as it is
+            if self.query_scale is not None and layer_id > 0:  # the first layer: as it is
                 query_pos = query_pos * self.query_scale(tgt)
             tgt = layer(tgt, query_pos, reference_boxes, memory, spatial_shapes,
                         level_start_index, memory_padding_mask, self_attn_mask)
-            refined = refine_boxes(anchors, self.bbox_embed[layer_id](tgt))
-            hs.append(tgt)
-            boxes.append(refined)
-            # gradients reach a layer's anchors only through that layer's predictions
+            head = self.box_head(layer_id)
+            # the next layer's anchors: the raw output's refinement
+            refined = refine_boxes(anchors, head(tgt))
+            out = tgt if self.norm is None else self.norm(tgt)
+            if self.norm is None and reference is anchors:
+                boxes.append(refined)
+            else:
+                boxes.append(refine_boxes(reference, head(out)))
+            hs.append(out)
+            # gradients reach a layer's anchors only through that layer's predictions (and,
+            # looking forward twice, the next layer's)
             anchors = refined.detach()
+            reference = refined if self.look_forward_twice else anchors
         return torch.stack(hs), torch.stack(boxes), torch.stack(references)

@@ -7,7 +7,7 @@ C channels, NQ queries, N decoder layers. Boxes are cxcywh normalised by each im
 (unpadded) size.
 """
 
-from typing import Dict, List, Optional, Type
+from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ class DABDeformableTransformer(nn.Module):
         dec_n_points: int = 4,
         two_stage_num_proposals: int = 0,
         two_stage_query: str = "official",
+        enc_heads: Optional[Tuple[nn.Module, nn.Module]] = None,
+        dino_decoder: bool = False,
+        look_forward_twice: bool = True,
     ):
         """
         Args:
@@ -51,8 +54,14 @@ class DABDeformableTransformer(nn.Module):
             two_stage_num_proposals: 0 for the one-stage model (the detector gives the
                 anchors); K > 0 for the two-stage model (the top-K encoder proposals).
             two_stage_query: how the two-stage model ranks its proposals and makes their
-                content queries: ``"official"`` or ``"encoder_content"`` (detrex's; see
-                ``EncoderProposals``).
+                content queries: ``"official"``, ``"encoder_content"`` (detrex's) or
+                ``"dino"`` (see ``EncoderProposals``).
+            enc_heads: ``"dino"``: the encoder's (class head, box head), which the proposals
+                module owns.
+            dino_decoder: DINO's decoder: no query scale, a final norm, and
+                ``look_forward_twice`` (see ``DABDeformableDecoder``).
+            look_forward_twice: with ``dino_decoder``, whether the reported boxes refine the
+                previous layer's boxes before they are detached.
         """
         super().__init__()
         self.d_model = d_model
@@ -70,9 +79,13 @@ class DABDeformableTransformer(nn.Module):
             ),
             d_model,
             bbox_embed,
+            query_scale=not dino_decoder,
+            final_norm=dino_decoder,
+            look_forward_twice=dino_decoder and look_forward_twice,
         )
         self.proposals = (
-            EncoderProposals(d_model, two_stage_num_proposals, two_stage_query)
+            EncoderProposals(d_model, two_stage_num_proposals, two_stage_query,
+                             *(enc_heads or (None, None)))
             if two_stage_num_proposals > 0 else None
         )
         self._reset_parameters()
@@ -82,11 +95,13 @@ class DABDeformableTransformer(nn.Module):
         # ``_get_clones``; the biases stay equal across layers), then Xavier for every matrix
         # of the transformer (the box heads, owned by the detector, keep theirs), then the
         # deformable attentions' own initialisation, which zeroes some of those matrices
-        # again, and N(0, 1) level embeddings.
+        # again, and N(0, 1) level embeddings. (DINO's static content queries too get Xavier:
+        # its transformer initialises them after drawing them N(0, 1).)
         copy_first_parameters(self.encoder.layers)
         copy_first_parameters(self.decoder.layers)
+        heads = ("decoder.bbox_embed.", "proposals.enc_out_")  # initialised by the detector
         for name, p in self.named_parameters():
-            if p.dim() > 1 and not name.startswith("decoder.bbox_embed."):
+            if p.dim() > 1 and not name.startswith(heads):
                 nn.init.xavier_uniform_(p)
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
@@ -102,6 +117,7 @@ class DABDeformableTransformer(nn.Module):
         anchors: Optional[torch.Tensor] = None,
         enc_heads: Optional[List[nn.Module]] = None,
         self_attn_mask: Optional[torch.Tensor] = None,
+        prefix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
@@ -114,6 +130,8 @@ class DABDeformableTransformer(nn.Module):
             enc_heads: two-stage: ``[class head, box head]`` that score and refine the
                 encoder's proposals.
             self_attn_mask: decoder self-attention mask (see ``DeformableDecoderLayer``).
+            prefix: ``(content (B, PAD, C), anchors (B, PAD, 4) in [0, 1])`` of queries the
+                decoder takes before the selected proposals (two-stage denoising, DINO).
 
         Returns:
             ``hs`` ``(N, B, NQ, C)``, ``boxes`` ``(N, B, NQ, 4)`` (every layer's refined
@@ -143,11 +161,13 @@ class DABDeformableTransformer(nn.Module):
 
         out: Dict[str, torch.Tensor] = {}
         if self.proposals is not None:
-            if enc_heads is None:
-                raise ValueError("the two-stage transformer needs enc_heads")
+            # the proposals module raises if it needs heads and gets none
             tgt, anchors, out["enc_logits"], out["enc_boxes"] = self.proposals(
-                memory, mask, spatial_shapes, *enc_heads
+                memory, mask, spatial_shapes, *(enc_heads or (None, None))
             )
+            if prefix is not None:
+                tgt = torch.cat([prefix[0], tgt], 1)
+                anchors = torch.cat([prefix[1], anchors], 1)
         elif tgt is None or anchors is None:
             raise ValueError("the one-stage transformer needs tgt and anchors")
         out["hs"], out["boxes"], out["references"] = self.decoder(

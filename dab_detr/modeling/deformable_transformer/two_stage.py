@@ -11,12 +11,22 @@ The top-k become the decoder's anchors (detached). Their content queries come in
 - ``"encoder_content"`` (detrex's two-stage DAB-Deformable-DETR, as DINO's query selection):
   the proposals rank by their best class, and each content query is its token's
   ``enc_output_norm(enc_output(memory))`` row, detached. No ``pos_trans``.
+- ``"dino"`` (DINO's mixed query selection, Zhang et al., ICLR 2023, Sec. 3.4): ranked by
+  their best class as well, but the content queries are learned and static (``tgt_embed``,
+  one per query); the encoder heads are this module's own (``enc_out_class_embed``,
+  ``enc_out_bbox_embed``), and the losses supervise the selected proposals only.
+
+Padding and border tokens (whose proposal is ``inf``) rank last in the first two ways, so that
+an image's anchors do not depend on what it is batched with. DINO ranks them by their score, as
+its official code does: their memory is zeroed before ``enc_output``, so they all score alike
+(``enc_output_norm(enc_output.bias)``'s logits) and, when chosen, get the anchor
+sigmoid(inf) = 1.
 
 Shapes: B batch, S tokens over L levels, C channels, K proposals kept.
 """
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,7 +36,7 @@ from ...layers import SpatialShapes, level_shapes, sine_features
 __all__ = ["EncoderProposals", "TWO_STAGE_QUERIES", "encoder_output_proposals"]
 
 # the ways of making the content queries of the selected proposals (see the module docstring)
-TWO_STAGE_QUERIES = ("official", "encoder_content")
+TWO_STAGE_QUERIES = ("official", "encoder_content", "dino")
 
 
 def encoder_output_proposals(
@@ -76,17 +86,30 @@ def encoder_output_proposals(
 class EncoderProposals(nn.Module):
     """Scores the encoder's proposals and turns the top-k into anchors and content queries."""
 
-    def __init__(self, d_model: int, num_proposals: int, query: str = "official"):
+    def __init__(
+        self,
+        d_model: int,
+        num_proposals: int,
+        query: str = "official",
+        class_head: Optional[nn.Module] = None,
+        box_head: Optional[nn.Module] = None,
+    ):
         """
         Args:
             d_model: C.
             num_proposals: K, the proposals kept.
             query: one of ``TWO_STAGE_QUERIES``: how the proposals are ranked and their
                 content queries made (see the module docstring).
+            class_head, box_head: ``"dino"``: the encoder heads, owned by this module
+                (``enc_out_class_embed``, ``enc_out_bbox_embed``); the other ways take
+                the detector's heads in ``forward``.
         """
         super().__init__()
         if query not in TWO_STAGE_QUERIES:
             raise ValueError(f"query={query!r}; expected one of {TWO_STAGE_QUERIES}")
+        if (query == "dino") != (class_head is not None and box_head is not None):
+            raise ValueError("the encoder heads are given to the module with query='dino' "
+                             "only, and then both")
         self.num_proposals = num_proposals
         self.query = query
         self.enc_output = nn.Linear(d_model, d_model)
@@ -94,6 +117,10 @@ class EncoderProposals(nn.Module):
         if query == "official":
             self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
             self.pos_trans_norm = nn.LayerNorm(2 * d_model)
+        if query == "dino":
+            self.enc_out_class_embed = class_head
+            self.enc_out_bbox_embed = box_head
+            self.tgt_embed = nn.Embedding(num_proposals, d_model)
         self.d_model = d_model
 
     def forward(
@@ -101,34 +128,49 @@ class EncoderProposals(nn.Module):
         memory: torch.Tensor,
         padding_mask: torch.Tensor,
         spatial_shapes: SpatialShapes,
-        class_head: nn.Module,
-        box_head: nn.Module,
+        class_head: Optional[nn.Module] = None,
+        box_head: Optional[nn.Module] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Args:
             memory, padding_mask, spatial_shapes: as for :func:`encoder_output_proposals`.
             class_head: ``(..., C) -> (..., K_cls)`` scores of the proposals (the first class
                 ranks them, as in Deformable DETR, or the best class with
-                ``"encoder_content"``; training makes it class-agnostic).
+                ``"encoder_content"``; training makes it class-agnostic). None with
+                ``"dino"``, whose heads are the module's.
             box_head: ``(..., C) -> (..., 4)`` deltas added to the proposals.
 
         Returns:
             tgt: ``(B, K, C)`` content queries of the top-k proposals.
             anchors: ``(B, K, 4)`` their refined boxes, cxcywh in [0, 1], detached.
-            enc_logits: ``(B, S, K_cls)`` every proposal's scores.
-            enc_boxes: ``(B, S, 4)`` every proposal's refined box (after the sigmoid).
+            enc_logits: ``(B, S, K_cls)`` every proposal's scores; ``"dino"``: ``(B, K,
+                K_cls)``, the top-k's.
+            enc_boxes: ``(B, S, 4)`` every proposal's refined box (after the sigmoid);
+                ``"dino"``: ``(B, K, 4)``, the top-k's, not detached.
         """
+        if self.query == "dino":
+            class_head, box_head = self.enc_out_class_embed, self.enc_out_bbox_embed
+        elif class_head is None or box_head is None:
+            raise ValueError(f"query={self.query!r} needs the detector's class and box heads")
         output, proposals = encoder_output_proposals(memory, padding_mask, spatial_shapes)
         output = self.enc_output_norm(self.enc_output(output))
         enc_logits = class_head(output)
         enc_unact = box_head(output) + proposals  # (B, S, 4), inf at invalid proposals
         k = min(self.num_proposals, enc_logits.shape[1])
         score = enc_logits[..., 0] if self.query == "official" else enc_logits.max(-1).values
-        # padding and border proposals (inf) last, so that an image's anchors do not depend on
-        # what it is batched with (Deformable DETR and detrex rank them by their score)
-        score = score.masked_fill(torch.isinf(proposals).any(-1), float("-inf"))
+        if self.query != "dino":
+            # padding and border proposals (inf) last, so that an image's anchors do not
+            # depend on what it is batched with (Deformable DETR and detrex rank them by their
+            # score, as DINO does)
+            score = score.masked_fill(torch.isinf(proposals).any(-1), float("-inf"))
         top = score.topk(k, dim=1).indices  # (B, K)
-        top_unact = torch.gather(enc_unact, 1, top.unsqueeze(-1).expand(-1, -1, 4)).detach()
+        top_unact = torch.gather(enc_unact, 1, top.unsqueeze(-1).expand(-1, -1, 4))
+        if self.query == "dino":
+            tgt = self.tgt_embed.weight[:k].unsqueeze(0).expand(len(memory), -1, -1)
+            top_logits = torch.gather(enc_logits, 1,
+                                      top.unsqueeze(-1).expand(-1, -1, enc_logits.shape[-1]))
+            return tgt, top_unact.detach().sigmoid(), top_logits, top_unact.sigmoid()
+        top_unact = top_unact.detach()
         if self.query == "encoder_content":
             # the selected tokens' rows of the projected memory: (B, K, C)
             tgt = torch.gather(output, 1, top.unsqueeze(-1).expand(-1, -1, self.d_model))

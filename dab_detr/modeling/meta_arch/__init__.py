@@ -5,5 +5,6 @@ from . import backbone  # noqa: F401  (import registers build_dab_detr_resnet_ba
 from .dab_deformable_detr import DABDeformableDETR  # import registers it
 from .dab_detr import DABDETR  # import registers the meta-architecture
 from .detr import DETR, ConditionalDETR  # import registers them
+from .dino import DINO  # import registers it
 
-__all__ = ["DABDETR", "DABDeformableDETR", "ConditionalDETR", "DETR"]
+__all__ = ["DABDETR", "DABDeformableDETR", "ConditionalDETR", "DETR", "DINO"]

@@ -27,6 +27,7 @@ from ..matcher import HungarianMatcher
 
 __all__ = [
     "ACTIVATIONS",
+    "MultiScaleDetector",
     "SetPredictionDetector",
     "SingleScaleDetector",
     "build_set_criterion",
@@ -44,7 +45,7 @@ ACTIVATIONS = {"prelu": nn.PReLU, "relu": nn.ReLU, "gelu": nn.GELU}
 
 class SetPredictionDetector(nn.Module):
     """Base of every meta-architecture here (``DABDETR``, ``DABDeformableDETR``, ``DETR``,
-    ``ConditionalDETR``): everything but the network."""
+    ``ConditionalDETR``, ``DINO``): everything but the network."""
 
     def __init__(
         self,
@@ -134,7 +135,7 @@ class SetPredictionDetector(nn.Module):
             outputs["dn_outputs"] = {
                 "pred_logits": logits[:, :, :pad], "pred_boxes": boxes[:, :, :pad],
                 "batch_idx": dn.batch_idx, "slot": dn.slot, "labels": dn.labels,
-                "boxes": dn.boxes, "num_groups": dn.num_groups,
+                "boxes": dn.boxes, "num_groups": dn.num_groups, "positive": dn.positive,
             }
             logits, boxes = logits[:, :, pad:], boxes[:, :, pad:]
         outputs.update(pred_logits=logits[-1], pred_boxes=boxes[-1])
@@ -308,6 +309,74 @@ class SingleScaleDetector(SetPredictionDetector):
         mask = resize_padding_mask(self.padding_mask(images), features.shape[-2:])
         pos = self.position_embedding(mask).to(features.dtype)
         return self.input_proj(features), mask, pos
+
+
+class MultiScaleDetector(SetPredictionDetector):
+    """Base of the detectors on several feature maps (DAB-Deformable-DETR, DINO): the
+    backbone's ``in_features`` maps, each projected to the transformer's width by a 1x1
+    convolution + GroupNorm(32), and the levels beyond the backbone's made by a 3x3 stride-2
+    convolution + GroupNorm(32) of the last backbone map (the first extra level) or of the
+    previous level (``input_proj``); each level's padding mask and sine position encoding."""
+
+    def __init__(
+        self,
+        *,
+        in_features: List[str],
+        position_embedding: PositionEmbeddingSine,
+        transformer: nn.Module,
+        **kwargs: Any,
+    ):
+        """
+        Args:
+            in_features: the backbone outputs used, the first levels, finest first.
+            position_embedding: sine encoding of each level's positions.
+            transformer: reads the levels; its ``d_model`` is the width C and its
+                ``level_embed`` ``(L, C)`` gives the number of levels L.
+            kwargs: those of ``SetPredictionDetector``.
+        """
+        super().__init__(**kwargs)
+        self.in_features = in_features
+        self.position_embedding = position_embedding
+        self.transformer = transformer
+        shapes = self.backbone.output_shape()
+        in_channels = [shapes[f].channels for f in in_features]
+        hidden_dim, num_levels = transformer.d_model, transformer.level_embed.shape[0]
+        projections = []
+        for level in range(num_levels):
+            if level < len(in_channels):
+                conv = nn.Conv2d(in_channels[level], hidden_dim, kernel_size=1)
+            else:
+                channels = in_channels[-1] if level == len(in_channels) else hidden_dim
+                conv = nn.Conv2d(channels, hidden_dim, kernel_size=3, stride=2, padding=1)
+            nn.init.xavier_uniform_(conv.weight, gain=1)
+            nn.init.zeros_(conv.bias)
+            projections.append(nn.Sequential(conv, nn.GroupNorm(32, hidden_dim)))
+        self.input_proj = nn.ModuleList(projections)
+
+    def multi_scale_inputs(
+        self, images: ImageList
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+        """The L levels the transformer reads: projected maps ``(B, C, H_l, W_l)``, padding
+        masks ``(B, H_l, W_l)`` (the image's, resized nearest-neighbour as in DETR, the extra
+        levels' too) and position encodings ``(B, C, H_l, W_l)`` (float32 computed, then in
+        the maps' dtype)."""
+        # oneDNN's convolutions are faster on channels-last maps; same results up to rounding
+        pixels = images.tensor.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(pixels)
+        image_mask = self.padding_mask(images)  # (B, H, W)
+        srcs, masks, pos = [], [], []
+        for level, proj in enumerate(self.input_proj):
+            if level < len(self.in_features):
+                src = proj(features[self.in_features[level]])
+            elif level == len(self.in_features):
+                src = proj(features[self.in_features[-1]])
+            else:
+                src = proj(srcs[-1])
+            mask = resize_padding_mask(image_mask, src.shape[-2:])
+            srcs.append(src)
+            masks.append(mask)
+            pos.append(self.position_embedding(mask).to(src.dtype))
+        return srcs, masks, pos
 
 
 def resize_padding_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

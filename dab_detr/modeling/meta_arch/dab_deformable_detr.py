@@ -22,35 +22,18 @@ from ..criterion import SetCriterion
 from ..deformable_transformer import TWO_STAGE_QUERIES, DABDeformableTransformer
 from .base import (
     ACTIVATIONS,
-    SetPredictionDetector,
+    MultiScaleDetector,
     build_set_criterion,
     check_depths,
     denoising_from_config,
     init_heads,
-    resize_padding_mask,
 )
 
 __all__ = ["DABDeformableDETR"]
 
 
-def _input_projections(in_channels: List[int], hidden_dim: int, num_levels: int) -> nn.ModuleList:
-    """Per level, a 1x1 convolution + GroupNorm(32) of a backbone map; for the levels beyond
-    the backbone's, a 3x3 stride-2 convolution + GroupNorm(32) of the previous level."""
-    projections = []
-    for level in range(num_levels):
-        if level < len(in_channels):
-            conv = nn.Conv2d(in_channels[level], hidden_dim, kernel_size=1)
-        else:
-            channels = in_channels[-1] if level == len(in_channels) else hidden_dim
-            conv = nn.Conv2d(channels, hidden_dim, kernel_size=3, stride=2, padding=1)
-        nn.init.xavier_uniform_(conv.weight, gain=1)
-        nn.init.zeros_(conv.bias)
-        projections.append(nn.Sequential(conv, nn.GroupNorm(32, hidden_dim)))
-    return nn.ModuleList(projections)
-
-
 @META_ARCH_REGISTRY.register()
-class DABDeformableDETR(SetPredictionDetector):
+class DABDeformableDETR(MultiScaleDetector):
     """DAB-Deformable-DETR (Liu et al., ICLR 2022, Appendix C): DAB-DETR's dynamic anchor boxes
     as the queries of Deformable DETR (Zhu et al., ICLR 2021) with box refinement."""
 
@@ -92,17 +75,11 @@ class DABDeformableDETR(SetPredictionDetector):
                 0, and training adds denoising queries; None: DAB-Deformable-DETR.
             others: see ``SetPredictionDetector``.
         """
-        super().__init__(backbone=backbone, criterion=criterion, aux_loss=aux_loss,
-                         num_select=num_select, pixel_mean=pixel_mean, pixel_std=pixel_std)
-        self.in_features = in_features
-        self.position_embedding = position_embedding
-        self.transformer = transformer
+        super().__init__(backbone=backbone, in_features=in_features,
+                         position_embedding=position_embedding, transformer=transformer,
+                         criterion=criterion, aux_loss=aux_loss, num_select=num_select,
+                         pixel_mean=pixel_mean, pixel_std=pixel_std)
         hidden_dim = transformer.d_model
-        num_levels = transformer.level_embed.shape[0]
-        shapes = backbone.output_shape()
-        self.input_proj = _input_projections(
-            [shapes[f].channels for f in in_features], hidden_dim, num_levels
-        )
         self.class_embed = class_embed
         self.bbox_embed = bbox_embed
         self.two_stage = transformer.proposals is not None
@@ -171,28 +148,6 @@ class DABDeformableDETR(SetPredictionDetector):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
-
-    def multi_scale_inputs(self, images: ImageList):
-        """The L levels the transformer reads: projected maps ``(B, C, H_l, W_l)``, padding
-        masks ``(B, H_l, W_l)`` (the image's, resized nearest-neighbour as in DETR) and
-        position encodings ``(B, C, H_l, W_l)``."""
-        # oneDNN's convolutions are faster on channels-last maps; same results up to rounding
-        pixels = images.tensor.contiguous(memory_format=torch.channels_last)
-        features = self.backbone(pixels)
-        image_mask = self.padding_mask(images)  # (B, H, W)
-        srcs, masks, pos = [], [], []
-        for level, proj in enumerate(self.input_proj):
-            if level < len(self.in_features):
-                src = proj(features[self.in_features[level]])
-            elif level == len(self.in_features):
-                src = proj(features[self.in_features[-1]])
-            else:
-                src = proj(srcs[-1])
-            mask = resize_padding_mask(image_mask, src.shape[-2:])
-            srcs.append(src)
-            masks.append(mask)
-            pos.append(self.position_embedding(mask).to(src.dtype))
-        return srcs, masks, pos
 
     def queries(self, batch_size: int):
         """``(B, NQ, C)`` content queries and ``(B, NQ, 4)`` anchors in [0, 1]; query
