@@ -138,6 +138,10 @@ def add_dab_detr_config(cfg: CN) -> None:
     # -0.5 as its centre (k - 0.5) / n (Deformable DETR; detrex's 12-epoch DINO releases,
     # trained with PE_TEMPERATURE_H/W 10000).
     d.DINO.PE_OFFSET = 0.0
+    # One class head and one box head shared by the decoder layers, as the official model
+    # (dec_pred_class_embed_share, dec_pred_bbox_embed_share); False: one of each per layer,
+    # as detrex's DINO, whose checkpoints hold six different ones.
+    d.DINO.SHARED_HEADS = True
 
     # Learning-rate factor of the backbone relative to SOLVER.BASE_LR.
     _C.SOLVER.BACKBONE_MULTIPLIER = 0.1

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "DETR_REFERENCE_DIR", "DINO_REFERENCE_DIR", "INITS", "REFERENCE_DIR", "load_images", "load_outputs",
-    "official_state_dict", "stack_layers",
+    "DETR_REFERENCE_DIR", "DINO_REFERENCE_DIR", "INITS", "REFERENCE_DIR", "load_images",
+    "load_outputs", "official_state_dict", "stack_layers",
 ]
 
 # The official outputs and their README (copied from the project's shared reference folder).

@@ -12,8 +12,11 @@ parts are numbered in the order the layer applies them (``attentions.N``, ``ffns
 - DAB-DETR R50-DC5 uses torchvision's ResNet (under ``backbone.body.``), the other models
   Detectron2's, whose names this project shares.
 
-Supported: DAB-DETR (R50, R50-DC5), DN-DETR, DN-Deformable-DETR and one- and two-stage
-DAB-Deformable-DETR.
+Supported: DAB-DETR (R50, R50-DC5), DN-DETR, DN-Deformable-DETR, one- and two-stage
+DAB-Deformable-DETR, and DINO (``projects/dino``). detrex's DINO has one class and one box head
+per decoder layer (this project's ``DINO.SHARED_HEADS False``), and a seventh of each for the
+encoder proposals (``transformer.proposals.enc_out_*``); its label embedding has a row per
+class, to which the unused "no object" row of the official layout is added as zeros.
 detrex's two-stage model is this project's with ``DEFORMABLE.TWO_STAGE_QUERY
 "encoder_content"`` (``configs/COCO-Detection/dab_deformable_detr_R_50_two_stage_50ep.yaml``):
 its ``transformer.enc_output`` and ``enc_output_norm`` become ``transformer.proposals.*``, and
@@ -114,25 +117,47 @@ _LAYER_MODULES: Dict[str, Dict[str, Dict[str, str]]] = {
 }
 
 
+# DINO: detrex name -> this project's, before _MODEL_RULES (the last of the seven heads scores
+# and refines the encoder proposals; the static content queries belong to the proposals)
+_DINO_RULES: List[Rule] = [
+    # the encoder heads, renamed first by _dino_encoder_heads
+    (r"transformer\.proposals\.(enc_out_class_embed|enc_out_bbox_embed)\.(.+)",
+     r"transformer.proposals.\1.\2"),
+    (r"transformer\.tgt_embed\.weight", "transformer.proposals.tgt_embed.weight"),
+    (r"transformer\.decoder\.norm\.(weight|bias)", r"transformer.decoder.norm.\1"),
+    (r"label_enc\.weight", "label_enc.weight"),
+]
+
+
+def _dino_encoder_heads(sd: StateDict) -> StateDict:
+    """detrex's DINO: its heads after the N decoder layers' (``class_embed.N``,
+    ``bbox_embed.N``) are the encoder's, ``transformer.proposals.enc_out_*`` here."""
+    layers = len({m[1] for k in sd if (m := re.match(r"transformer\.decoder\.layers\.(\d+)\.", k))})
+    head = re.compile(rf"(class|bbox)_embed\.{layers}\.(.+)")
+    return {(f"transformer.proposals.enc_out_{m[1]}_embed.{m[2]}" if (m := head.fullmatch(k))
+             else k): v for k, v in sd.items()}
+
+
 def _family(sd: StateDict) -> str:
-    """``"dab"`` (DAB-DETR, DN-DETR) or ``"deformable"`` (DAB-Deformable-DETR), from the keys."""
+    """``"dab"`` (DAB-DETR, DN-DETR), ``"deformable"`` (DAB-Deformable-DETR) or ``"dino"``,
+    from the keys."""
     if "transformer.level_embeds" in sd:
-        return "deformable"
+        return "dino" if "transformer.tgt_embed.weight" in sd else "deformable"
     if "anchor_box_embed.weight" in sd:
         return "dab"
     found = ", ".join(list(sd)[:5])
     raise InputValueError(
-        "not a detrex DAB-DETR, DN-DETR or DAB-Deformable-DETR checkpoint: it has neither "
+        "not a detrex DAB-DETR, DN-DETR, DAB-Deformable-DETR or DINO checkpoint: it has neither "
         f"anchor_box_embed.weight nor transformer.level_embeds ({found}, ...)"
     )
 
 
 def _log_model(sd: StateDict, family: str) -> None:
     """Say which model the keys show: the family, DN-DETR's label encoder, the backbone."""
-    name = {"dab": "DAB-DETR", "deformable": "DAB-Deformable-DETR"}[family]
+    name = {"dab": "DAB-DETR", "deformable": "DAB-Deformable-DETR", "dino": "DINO"}[family]
     if "denoising_generator.label_encoder.weight" in sd:
         name = "DN-DETR"
-    if "transformer.enc_output.weight" in sd:
+    if "transformer.enc_output.weight" in sd and family != "dino":
         name = f'two-stage {name} (DEFORMABLE.TWO_STAGE_QUERY "encoder_content")'
     if any(k.startswith("backbone.body.") for k in sd):
         # dilated or not, a torchvision ResNet has the same tensors: the config decides
@@ -163,18 +188,19 @@ def _rename_layer(key: str, family: str) -> Optional[str]:
     m = re.fullmatch(r"(transformer\.(encoder|decoder)\.layers\.\d+)\.(.+)\.(\w+)", key)
     if m is None:
         return None
-    module = _LAYER_MODULES[family][m[2]].get(m[3])
+    # DINO's layers are the deformable model's
+    module = _LAYER_MODULES["deformable" if family == "dino" else family][m[2]].get(m[3])
     return None if module is None else f"{m[1]}.{module}.{m[4]}"
 
 
-def _rename_model(key: str, extra_convs_from: int) -> Optional[str]:
+def _rename_model(key: str, extra_convs_from: int, family: str) -> Optional[str]:
     """A key outside the layers in this project's names; None if unknown. ``extra_convs_from``:
     the ``input_proj`` index of the deformable model's first stride-2 convolution on res5."""
     m = re.fullmatch(r"neck\.extra_convs\.(\d+)\.(conv|norm)\.(weight|bias)", key)
     if m:
         index, part = extra_convs_from + int(m[1]), {"conv": 0, "norm": 1}[m[2]]
         return f"input_proj.{index}.{part}.{m[3]}"
-    for pattern, repl in _MODEL_RULES:
+    for pattern, repl in (_DINO_RULES if family == "dino" else []) + _MODEL_RULES:
         if re.fullmatch(pattern, key):
             return re.sub(pattern, repl, key)
     return None
@@ -198,6 +224,8 @@ def convert_detrex(sd: StateDict, num_classes: Optional[int] = 80) -> StateDict:
     """
     sd = _untie(sd.get("model", sd))
     family = _family(sd)
+    if family == "dino":
+        sd = _dino_encoder_heads(sd)
     _log_model(sd, family)
     out = convert_resnet(sd, "backbone.body.")
     extra_convs_from = len({m[1] for k in sd if (m := re.match(r"neck\.convs\.(\d+)\.", k))})
@@ -205,7 +233,7 @@ def convert_detrex(sd: StateDict, num_classes: Optional[int] = 80) -> StateDict:
     for k, v in sd.items():
         if k.startswith("backbone.body."):
             continue
-        new = _rename_layer(k, family) or _rename_model(k, extra_convs_from)
+        new = _rename_layer(k, family) or _rename_model(k, extra_convs_from, family)
         if new is None:
             unknown.append(k)
         elif new in out:
@@ -222,5 +250,9 @@ def convert_detrex(sd: StateDict, num_classes: Optional[int] = 80) -> StateDict:
     # this project's decoder holds the detector's box heads under its own name too
     for k in [k for k in out if k.startswith("bbox_embed.")]:
         out["transformer.decoder." + k] = out[k]
+    if family == "dino" and "label_enc.weight" in out:
+        # K rows -> the official layout's K + 1 (the last, "no object", DINO never reads)
+        label_enc = out["label_enc.weight"]
+        out["label_enc.weight"] = torch.cat([label_enc, label_enc.new_zeros(1, label_enc.shape[1])])
     map_class_head(out, num_classes)
     return out

@@ -96,9 +96,9 @@ def _rows_with_no_object(name: str, rows: int, num_classes: int) -> Optional[tor
 def map_class_head(sd: StateDict, num_classes: Optional[int], no_object: bool = False) -> None:
     """Rows of every class head (``class_embed.*``: one, or one per layer, and DINO's encoder
     head; ``(K, C)`` weights, with ``no_object`` (DETR) ``(K + 1, C)``, the last row "no
-    object") for ``num_classes``, and of DN-DETR's (and DINO's) label embedding (``label_enc.weight``: one row per class, then "no object").
-    A head of the model's row count is kept as it is, and so is every head when
-    ``num_classes`` is None.
+    object") for ``num_classes``, and of DN-DETR's (and DINO's) label embedding
+    (``label_enc.weight``: one row per class, then "no object"). A head of the model's row
+    count is kept as it is, and so is every head when ``num_classes`` is None.
 
     Raises:
         ClassCountError: a head has a count it cannot be mapped from; ``sd`` is unchanged.

@@ -79,9 +79,10 @@ def _fused_adamw_runs_on(device: torch.device) -> bool:
 
 def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Optimizer from ``SOLVER.{OPTIMIZER, BASE_LR, BACKBONE_MULTIPLIER,
-    LINEAR_PROJ_MULTIPLIER, WEIGHT_DECAY, MOMENTUM, CLIP_GRADIENTS}``. ``CLIP_TYPE: full_model`` clips the global gradient norm to
-    ``CLIP_VALUE``. AdamW is torch's fused implementation where there is one for the model's
-    device (the same update, up to rounding)."""
+    LINEAR_PROJ_MULTIPLIER, WEIGHT_DECAY, MOMENTUM, CLIP_GRADIENTS}``. ``CLIP_TYPE:
+    full_model`` clips the global gradient norm to ``CLIP_VALUE``. AdamW is torch's fused
+    implementation where there is one for the model's device (the same update, up to
+    rounding)."""
     s = cfg.SOLVER
     groups = optimizer_param_groups(model, s.BASE_LR, s.BACKBONE_MULTIPLIER,
                                     s.LINEAR_PROJ_MULTIPLIER)

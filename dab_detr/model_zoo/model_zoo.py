@@ -67,7 +67,7 @@ def get_checkpoint_url(config_path: str) -> str:
     where = next(text for prefix, text in OFFICIAL_WEIGHTS if name.startswith(prefix))
     raise InputValueError(
         f"no direct URL of weights for {config_path}: its official weights, if released, "
-        f"are in Google Drive and Tsinghua Cloud folders linked from {where}. Give the "
+        f"are in the folders linked from {where}. Give the "
         "downloaded file to MODEL.WEIGHTS as it is, or convert it once with "
         f"{_CONVERT.format(cfg_file)}"
     )

@@ -3,7 +3,7 @@ path (relative to ``configs/``) to file, its COCO 2017 val box AP and who releas
 README's table of URLs and :func:`dab_detr.model_zoo.get_checkpoint_url` both read it.
 
 Only files whose layout the tests verify are listed: detrex's (``tests/detrex_reference.py``
-holds their names and shapes) and DETR's official ones (``tests/data/detr_outputs/detr_r50.json``:
+and ``tests/data/detrex_dino`` hold their names and shapes) and DETR's official ones (``tests/data/detr_outputs/detr_r50.json``:
 the R50's names and shapes; R101 adds ResNet blocks of the same names). The other official
 checkpoints have no direct URL (Google Drive, Tsinghua Cloud and OneDrive folders), so
 :data:`OFFICIAL_WEIGHTS` says where to find them by hand.
@@ -54,6 +54,16 @@ RELEASED_WEIGHTS: Dict[str, ReleasedWeights] = {
         f"{DETR_STORAGE}/detr-r101-2c7b67e5.pth", 43.5, _DETR),
     "COCO-Detection/detr_R_101_DC5_500ep.yaml": ReleasedWeights(
         f"{DETR_STORAGE}/detr-r101-dc5-a2e86def.pth", 44.9, _DETR),
+    # DINO as detrex trains it (projects/dino/README.md): one head per decoder layer, and its
+    # 12-epoch files with detrex's position encoding (tests/data/detrex_dino: the layout)
+    "COCO-Detection/dino_R_50_4scale_12ep_detrex.yaml": ReleasedWeights(
+        f"{DETREX_STORAGE}/v0.2.0/dino_r50_4scale_12ep_49_2AP.pth", 49.2, _DETREX),
+    "COCO-Detection/dino_R_50_4scale_24ep_detrex.yaml": ReleasedWeights(
+        f"{DETREX_STORAGE}/v0.1.1/dino_r50_4scale_24ep.pth", 50.6, _DETREX),
+    "COCO-Detection/dino_R_50_5scale_12ep_detrex.yaml": ReleasedWeights(
+        f"{DETREX_STORAGE}/v0.2.1/dino_r50_5scale_12ep.pth", 49.6, _DETREX),
+    "COCO-Detection/dino_R_101_4scale_12ep.yaml": ReleasedWeights(
+        f"{DETREX_STORAGE}/v0.1.1/dino_r101_4scale_12ep.pth", 50.0, _DETREX),
 }
 
 # Where the official checkpoints of the other configs are, by config name prefix (first match)
@@ -61,5 +71,7 @@ OFFICIAL_WEIGHTS = (
     ("conditional_detr_", "Conditional DETR's README, 'Model Zoo' (OneDrive links; "
                           "https://github.com/Atten4Vis/ConditionalDETR#model-zoo)"),
     ("dn_", "DN-DETR's README, 'Model Zoo' (https://github.com/IDEA-Research/DN-DETR#model-zoo)"),
+    ("dino_", "DINO's README, 'Model Zoo' (Google Drive and Baidu links; "
+              "https://github.com/IDEA-Research/DINO#model-zoo)"),
     ("", "DAB-DETR's README, 'Model Zoo' (https://github.com/IDEA-Research/DAB-DETR#model-zoo)"),
 )

@@ -28,7 +28,6 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import nn
-
 from torchvision.ops import box_convert
 
 from ..layers import inverse_sigmoid

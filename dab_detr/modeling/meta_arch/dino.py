@@ -7,8 +7,9 @@ two-stage DAB-Deformable-DETR (``modeling/deformable_transformer``) with
   (``EncoderProposals(query="dino")``);
 - look forward twice (``DABDeformableDecoder(look_forward_twice=True)``);
 - contrastive denoising (``make_contrastive_denoising_queries``);
-- one box head and one class head shared by the decoder layers, a final decoder norm, and
-  encoder heads of their own, whose selected proposals are supervised as ``_interm``.
+- one box head and one class head shared by the decoder layers (detrex's DINO: one per
+  layer, ``DINO.SHARED_HEADS False``), a final decoder norm, and encoder heads of their own,
+  whose selected proposals are supervised as ``_interm``.
 
 Shapes: B batch, C channels, L levels, NQ queries, K classes, N decoder layers. Boxes inside the
 model are cxcywh normalised by the size of the (unpadded) input image.
@@ -46,7 +47,7 @@ class DINO(MultiScaleDetector):
         in_features: List[str],
         position_embedding: PositionEmbeddingSine,
         transformer: DABDeformableTransformer,
-        class_embed: nn.Linear,
+        class_embed: nn.Module,
         bbox_embed: nn.Module,
         denoising: Optional[Dict[str, Any]] = None,
         criterion: SetCriterion,
@@ -62,7 +63,8 @@ class DINO(MultiScaleDetector):
                 proposals (which own the encoder heads) and DINO's decoder, whose box head is
                 ``bbox_embed``.
             class_embed, bbox_embed: the decoder's class head ``(..., C) -> (..., K)`` and box
-                head ``(..., C) -> (..., 4)``, one each for all layers.
+                head ``(..., C) -> (..., 4)``, one each for all layers (the official model), or
+                an ``nn.ModuleList`` of one per layer (detrex's).
             denoising: contrastive denoising in training (``dn_number``, ``label_noise``,
                 ``box_noise`` of ``make_contrastive_denoising_queries``), with a label
                 embedding ``label_enc`` of K + 1 rows of width C; None: none.
@@ -76,7 +78,8 @@ class DINO(MultiScaleDetector):
             raise ValueError("DINO needs a two-stage transformer with query='dino' proposals")
         self.class_embed = class_embed
         self.bbox_embed = bbox_embed
-        self.num_classes = class_embed.out_features
+        first = class_embed[0] if isinstance(class_embed, nn.ModuleList) else class_embed
+        self.num_classes = first.out_features
         self.denoising = denoising
         if denoising is not None:
             self.label_enc = nn.Embedding(self.num_classes + 1, transformer.d_model)
@@ -92,6 +95,9 @@ class DINO(MultiScaleDetector):
         init_heads([class_embed], [bbox_embed])
         # the encoder heads start as copies of the decoder's, as in the official model
         enc_heads = (copy.deepcopy(class_embed), copy.deepcopy(bbox_embed))
+        if not d.DINO.SHARED_HEADS:  # detrex: each layer's heads start as copies
+            class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(d.DEC_LAYERS))
+            bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(d.DEC_LAYERS))
         transformer = DABDeformableTransformer(
             bbox_embed,
             d_model=d.HIDDEN_DIM,
@@ -164,7 +170,10 @@ class DINO(MultiScaleDetector):
         hs, boxes = out["hs"], out["boxes"]  # (N, B, T, C), (N, B, T, 4)
         num_layers = hs.shape[0]
         layers = list(range(num_layers)) if with_aux else [num_layers - 1]
-        logits = self.class_embed(hs[layers])
+        if isinstance(self.class_embed, nn.ModuleList):
+            logits = torch.stack([self.class_embed[i](hs[i]) for i in layers])
+        else:
+            logits = self.class_embed(hs[layers])
         if self.denoising is not None and self.training:
             # label_enc's zero term keeps it in the graph (DDP needs every parameter used)
             # when a batch has no object to make denoising queries of
