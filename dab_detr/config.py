@@ -114,11 +114,13 @@ def add_dab_detr_config(cfg: CN) -> None:
     # Two-stage, how the proposals are ranked and their content queries made: "official"
     # (DAB-DETR's code, as Deformable DETR: by the first class; the proposal's sine embedding,
     # projected by pos_trans) or "encoder_content" (detrex's two-stage model, as DINO: by the
-    # best class; the selected tokens' enc_output_norm(enc_output(memory)), detached).
+    # best class; the selected tokens' enc_output_norm(enc_output(memory)), detached); "dino"
+    # is DINO's (MODEL.META_ARCHITECTURE "DINO" only).
     d.DEFORMABLE.TWO_STAGE_QUERY = "official"
 
     # DINO (MODEL.META_ARCHITECTURE "DINO", Zhang et al., ICLR 2023): DAB-Deformable-DETR's
-    # two-stage model with DINO's query selection (TWO_STAGE_QUERY is "dino" whatever it says),
+    # two-stage model with DINO's query selection (DEFORMABLE.TWO_STAGE True, TWO_STAGE_QUERY
+    # "dino", both required),
     # contrastive denoising, look-forward-twice boxes, one decoder box and class head shared by
     # the layers, and a final decoder norm. It reads NUM_QUERIES (900: the selected proposals),
     # the transformer keys, DEFORMABLE.NUM_FEATURE_LEVELS / ENC_N_POINTS / DEC_N_POINTS, the loss

@@ -270,3 +270,15 @@ def test_dino_training_step_with_an_empty_image():
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not no_grad, no_grad
     assert math.isclose(model.denoising["box_noise"], cfg.MODEL.DAB_DETR.DN.BOX_NOISE)
+
+
+@pytest.mark.parametrize("opts, named", [
+    (["MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE", "False"], "MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE"),
+    (["MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE_QUERY", "official"], "TWO_STAGE_QUERY='official'"),
+    (["MODEL.DAB_DETR.AUX_LOSS", "False"], "MODEL.DAB_DETR.AUX_LOSS"),
+    (["MODEL.DAB_DETR.HIDDEN_DIM", "48"], "MODEL.DAB_DETR.HIDDEN_DIM"),
+    (["MODEL.DAB_DETR.DINO.DN_NUMBER", "0"], "MODEL.DAB_DETR.DINO.DN_NUMBER"),
+])
+def test_unsupported_settings_are_refused_by_name(opts, named):
+    with pytest.raises(ValueError, match=named):
+        build_model(_cfg(*opts))

@@ -3,9 +3,10 @@ path (relative to ``configs/``) to file, its COCO 2017 val box AP and who releas
 README's table of URLs and :func:`dab_detr.model_zoo.get_checkpoint_url` both read it.
 
 Only files whose layout the tests verify are listed: detrex's (``tests/detrex_reference.py``
-and ``tests/data/detrex_dino`` hold their names and shapes) and DETR's official ones (``tests/data/detr_outputs/detr_r50.json``:
-the R50's names and shapes; R101 adds ResNet blocks of the same names). The other official
-checkpoints have no direct URL (Google Drive, Tsinghua Cloud and OneDrive folders), so
+and ``tests/data/detrex_dino`` hold their names and shapes) and DETR's official ones
+(``tests/data/detr_outputs/detr_r50.json``: the R50's names and shapes; R101 adds ResNet blocks
+of the same names). The other official checkpoints have no direct URL (Google Drive, Baidu,
+Tsinghua Cloud and OneDrive folders), so
 :data:`OFFICIAL_WEIGHTS` says where to find them by hand.
 """
 

@@ -32,6 +32,7 @@ __all__ = [
     "SingleScaleDetector",
     "build_set_criterion",
     "check_depths",
+    "check_multi_scale_config",
     "denoising_from_config",
     "init_heads",
     "resize_padding_mask",
@@ -484,6 +485,30 @@ def check_depths(cfg: CfgNode) -> None:
     for key, value, least in (("ENC_LAYERS", d.ENC_LAYERS, 0), ("DEC_LAYERS", d.DEC_LAYERS, 1)):
         if not isinstance(value, int) or value < least:
             raise ValueError(f"MODEL.DAB_DETR.{key}={value!r}; expected an integer >= {least}")
+
+
+def check_multi_scale_config(cfg: CfgNode, model: str) -> None:
+    """Refuse what no multi-scale detector (``model`` names it in errors) can be built with,
+    naming the keys: a backbone map count outside 1 to ``DEFORMABLE.NUM_FEATURE_LEVELS``, layer
+    counts ``check_depths`` refuses, an unknown activation, a width that is not a multiple of
+    the heads and of the input projections' GroupNorm(32)."""
+    d = cfg.MODEL.DAB_DETR
+    levels = d.DEFORMABLE.NUM_FEATURE_LEVELS
+    if not 1 <= len(cfg.MODEL.RESNETS.OUT_FEATURES) <= levels:
+        raise ValueError(
+            f"MODEL.RESNETS.OUT_FEATURES={list(cfg.MODEL.RESNETS.OUT_FEATURES)}: {model} needs "
+            f"1 to MODEL.DAB_DETR.DEFORMABLE.NUM_FEATURE_LEVELS ({levels}) backbone maps"
+        )
+    check_depths(cfg)
+    if d.ACTIVATION not in ACTIVATIONS:
+        raise ValueError(f"MODEL.DAB_DETR.ACTIVATION={d.ACTIVATION!r}; expected one of "
+                         f"{sorted(ACTIVATIONS)}")
+    if d.HIDDEN_DIM % d.NHEADS:
+        raise ValueError(f"MODEL.DAB_DETR.HIDDEN_DIM={d.HIDDEN_DIM} must be a multiple of "
+                         f"MODEL.DAB_DETR.NHEADS={d.NHEADS}")
+    if d.HIDDEN_DIM % 32:
+        raise ValueError(f"MODEL.DAB_DETR.HIDDEN_DIM={d.HIDDEN_DIM}: the input projections' "
+                         "GroupNorm(32) needs a multiple of 32")
 
 
 def single_scale_from_config(cfg: CfgNode, model: str) -> Dict[str, Any]:

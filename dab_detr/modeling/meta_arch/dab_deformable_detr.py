@@ -24,7 +24,7 @@ from .base import (
     ACTIVATIONS,
     MultiScaleDetector,
     build_set_criterion,
-    check_depths,
+    check_multi_scale_config,
     denoising_from_config,
     init_heads,
 )
@@ -106,7 +106,7 @@ class DABDeformableDETR(MultiScaleDetector):
         d = cfg.MODEL.DAB_DETR
         backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
         in_features = list(cfg.MODEL.RESNETS.OUT_FEATURES)
-        _check_config(cfg, len(in_features))
+        _check_config(cfg)
         two_stage = d.DEFORMABLE.TWO_STAGE
         num_heads = d.DEC_LAYERS + int(two_stage)  # two-stage: one more for the proposals
         class_embed = nn.ModuleList(nn.Linear(d.HIDDEN_DIM, d.NUM_CLASSES)
@@ -199,29 +199,15 @@ class DABDeformableDETR(MultiScaleDetector):
         return outputs
 
 
-def _check_config(cfg, num_backbone_levels: int) -> None:
+def _check_config(cfg) -> None:
     """Refuse settings this model does not have, naming the keys."""
     d = cfg.MODEL.DAB_DETR
-    levels = d.DEFORMABLE.NUM_FEATURE_LEVELS
-    if not 1 <= num_backbone_levels <= levels:
-        raise ValueError(
-            f"MODEL.RESNETS.OUT_FEATURES={list(cfg.MODEL.RESNETS.OUT_FEATURES)}: "
-            f"DAB-Deformable-DETR needs 1 to MODEL.DAB_DETR.DEFORMABLE.NUM_FEATURE_LEVELS "
-            f"({levels}) backbone maps"
-        )
-    check_depths(cfg)
-    if d.DEFORMABLE.TWO_STAGE_QUERY not in TWO_STAGE_QUERIES:
+    check_multi_scale_config(cfg, "DAB-Deformable-DETR")
+    queries = [q for q in TWO_STAGE_QUERIES if q != "dino"]  # DINO's: its own meta-architecture
+    if d.DEFORMABLE.TWO_STAGE_QUERY not in queries:
         raise ValueError(f"MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE_QUERY="
-                         f"{d.DEFORMABLE.TWO_STAGE_QUERY!r}; expected one of {TWO_STAGE_QUERIES}")
-    if d.ACTIVATION not in ACTIVATIONS:
-        raise ValueError(f"MODEL.DAB_DETR.ACTIVATION={d.ACTIVATION!r}; expected one of "
-                         f"{sorted(ACTIVATIONS)}")
-    if d.HIDDEN_DIM % d.NHEADS:
-        raise ValueError(f"MODEL.DAB_DETR.HIDDEN_DIM={d.HIDDEN_DIM} must be a multiple of "
-                         f"MODEL.DAB_DETR.NHEADS={d.NHEADS}")
-    if d.HIDDEN_DIM % 32:
-        raise ValueError(f"MODEL.DAB_DETR.HIDDEN_DIM={d.HIDDEN_DIM}: the input projections' "
-                         "GroupNorm(32) needs a multiple of 32")
+                         f"{d.DEFORMABLE.TWO_STAGE_QUERY!r}; expected one of {queries} "
+                         "(\"dino\" is MODEL.META_ARCHITECTURE \"DINO\"'s)")
     unsupported = {
         "MODEL.DAB_DETR.QUERY_DIM": (d.QUERY_DIM, 4),
         "MODEL.DAB_DETR.ITER_UPDATE": (d.ITER_UPDATE, True),

@@ -29,7 +29,13 @@ from ...layers import MLP, PositionEmbeddingSine
 from ..criterion import SetCriterion
 from ..deformable_transformer import DABDeformableTransformer
 from ..denoising import DenoisingQueries, make_contrastive_denoising_queries
-from .base import ACTIVATIONS, MultiScaleDetector, build_set_criterion, check_depths, init_heads
+from .base import (
+    ACTIVATIONS,
+    MultiScaleDetector,
+    build_set_criterion,
+    check_multi_scale_config,
+    init_heads,
+)
 
 __all__ = ["DINO"]
 
@@ -89,7 +95,7 @@ class DINO(MultiScaleDetector):
         d = cfg.MODEL.DAB_DETR
         backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
         in_features = list(cfg.MODEL.RESNETS.OUT_FEATURES)
-        _check_config(cfg, len(in_features))
+        _check_config(cfg)
         class_embed = nn.Linear(d.HIDDEN_DIM, d.NUM_CLASSES)
         bbox_embed = MLP(d.HIDDEN_DIM, d.HIDDEN_DIM, 4, 3)
         init_heads([class_embed], [bbox_embed])
@@ -185,24 +191,15 @@ class DINO(MultiScaleDetector):
         return outputs
 
 
-def _check_config(cfg, num_backbone_levels: int) -> None:
+def _check_config(cfg) -> None:
     """Refuse settings DINO does not have, naming the keys."""
     d = cfg.MODEL.DAB_DETR
-    levels = d.DEFORMABLE.NUM_FEATURE_LEVELS
-    if not 1 <= num_backbone_levels <= levels:
-        raise ValueError(
-            f"MODEL.RESNETS.OUT_FEATURES={list(cfg.MODEL.RESNETS.OUT_FEATURES)}: DINO needs 1 "
-            f"to MODEL.DAB_DETR.DEFORMABLE.NUM_FEATURE_LEVELS ({levels}) backbone maps"
-        )
-    check_depths(cfg)
-    if d.ACTIVATION not in ACTIVATIONS:
-        raise ValueError(f"MODEL.DAB_DETR.ACTIVATION={d.ACTIVATION!r}; expected one of "
-                         f"{sorted(ACTIVATIONS)}")
-    if d.HIDDEN_DIM % d.NHEADS or d.HIDDEN_DIM % 32:
-        raise ValueError(f"MODEL.DAB_DETR.HIDDEN_DIM={d.HIDDEN_DIM} must be a multiple of "
-                         f"MODEL.DAB_DETR.NHEADS={d.NHEADS} and of 32 (the input "
-                         "projections' GroupNorm)")
+    check_multi_scale_config(cfg, "DINO")
     wrong = []
+    if not d.DEFORMABLE.TWO_STAGE or d.DEFORMABLE.TWO_STAGE_QUERY != "dino":
+        wrong.append(f"MODEL.DAB_DETR.DEFORMABLE.TWO_STAGE={d.DEFORMABLE.TWO_STAGE} / "
+                     f"TWO_STAGE_QUERY={d.DEFORMABLE.TWO_STAGE_QUERY!r} (needs True / \"dino\": "
+                     "the encoder proposes the anchors)")
     if d.ENC_LAYERS == 0:
         wrong.append("MODEL.DAB_DETR.ENC_LAYERS=0 (needs >= 1: the encoder proposes the "
                      "anchors)")
