@@ -1,5 +1,5 @@
 """The share of a step's time spent in multi-scale deformable attention (CPU; the
-DAB-Deformable-DETR cases), by timing hooks.
+DAB-Deformable-DETR and DINO cases), by timing hooks.
 
 Two labels are measured: the function ``multi_scale_deformable_attention`` (the sampling and
 weighting) and the whole ``MSDeformAttn`` modules (the function plus the value, offset, weight

@@ -1,6 +1,6 @@
 """Speed and memory of this project's DAB-DETR, DETR and Conditional DETR against transformers'
 DabDetrForObjectDetection, DetrForObjectDetection and ConditionalDetrForObjectDetection on the
-same weights, and of this project's DAB-Deformable-DETR (no transformers counterpart).
+same weights, and of this project's DAB-Deformable-DETR and DINO (no transformers counterpart).
 
     python benchmarks/benchmark.py [--quick] [--output benchmarks/results.json]
                                    [--plot benchmarks/scaling.png] [--threads N]
@@ -9,14 +9,14 @@ same weights, and of this project's DAB-Deformable-DETR (no transformers counter
 
 Sections (CPU; on CUDA, when there is one, inference and training again in float32 and
 under bfloat16 / float16 autocast):
-  inference  forward pass, R50, R50-DC5, Deformable-R50, DETR-R50 and Conditional-R50,
-             800 x 1216, batch 1 and 2
+  inference  forward pass, R50, R50-DC5, Deformable-R50, DETR-R50, Conditional-R50 and
+             DINO-R50 (4-scale), 800 x 1216, batch 1 and 2
   training   forward, loss and backward, the same variants, 512 x 768, batch 2
-  share      the Deformable-R50 inference and training cases: the share of their time
-             spent in deformable attention (``attention_share.py``)
+  share      the Deformable-R50 and DINO-R50 inference and training cases: the share of
+             their time spent in deformable attention (``attention_share.py``)
   scaling    R50 batch 1 against the short side (480 ... 1024, long side 1.52 x), and
              ours against the number of queries (100, 300, 900)
-``--models`` (dab_detr, dab_deformable_detr, detr, conditional_detr), ``--variants`` and
+``--models`` (dab_detr, dab_deformable_detr, detr, conditional_detr, dino), ``--variants`` and
 ``--sections`` (inference, training, share, scaling, cuda) select what runs; ``--merge`` keeps
 the other rows of an existing ``--output`` (``results.py``).
 ``--quick``: tiny inputs, batch 1 at inference, one timed repeat and no warm-up: it checks
@@ -45,6 +45,7 @@ import transformers  # noqa: E402
 from benchmarks import report, results  # noqa: E402
 from benchmarks.attention_share import METHOD, attention_share  # noqa: E402
 from benchmarks.cases import (  # noqa: E402
+    DEFORMABLE_MODELS,
     IMPLS,
     MODELS,
     NUM_QUERIES,
@@ -108,11 +109,11 @@ def run_pairs(runner: Runner, section: str, s: Settings, size: Tuple[int, int],
 
 def run_attention_share(runner: Runner, s: Settings, variants: Sequence[str]) -> List[Dict]:
     """The share of deformable attention in the inference and training cases of the
-    DAB-Deformable-DETR variants (on the models timed, if they were)."""
+    DAB-Deformable-DETR and DINO variants (on the models timed, if they were)."""
     sizes = [(False, s.inference_size, b) for b in s.batches]
     sizes += [(True, s.train_size, s.train_batch)]
     rows = []
-    for variant in (v for v in variants if VARIANTS[v].model == "dab_deformable_detr"):
+    for variant in (v for v in variants if VARIANTS[v].model in DEFORMABLE_MODELS):
         for train, (h, w), batch in sizes:
             case = runner.case("ours", variant, train=train, height=h, width=w, batch=batch)
             row = {"model": VARIANTS[variant].model, "variant": variant, "train": train,
@@ -167,7 +168,7 @@ def _meta(args: argparse.Namespace, s: Settings, variants: Sequence[str]) -> Dic
         "transformers": transformers.__version__, "python": platform.python_version(),
         "load_average_start": os.getloadavg(),
         "selection": {"variants": list(variants), "sections": list(args.sections)},
-        "ours": "DABDETR / DABDeformableDETR / DETR / ConditionalDETR .forward_predictions("
+        "ours": "DABDETR / DABDeformableDETR / DETR / ConditionalDETR / DINO .forward_predictions("
                 "images, with_aux=False) (the inference path); training: model(batched_inputs) "
                 "losses summed, backward",
         "transformers_model": "DabDetr / Detr / ConditionalDetr ForObjectDetection("
@@ -178,6 +179,9 @@ def _meta(args: argparse.Namespace, s: Settings, variants: Sequence[str]) -> Dic
         "dab_deformable_detr": "configs/" + VARIANTS["Deformable-R50"].config + ", MODEL.WEIGHTS "
                                "'' (random initialisation, seed 0), MODEL.DEVICE cpu; "
                                "transformers has no counterpart: no comparison",
+        "dino": "configs/" + VARIANTS["DINO-R50"].config + " (4-scale, 900 queries; training "
+                "with contrastive denoising), MODEL.WEIGHTS '' (random initialisation, seed 0), "
+                "MODEL.DEVICE cpu; transformers has no counterpart: no comparison",
         "memory_method": "CPU: fresh process per case, peak RSS (VmHWM after clear_refs) "
                          "minus RSS after building model and inputs, malloc mmap threshold "
                          "64 KiB; CUDA: max_memory_allocated minus allocated before the step",

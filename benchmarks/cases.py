@@ -1,14 +1,14 @@
 """What the benchmark runs: this project's DAB-DETR, DETR and Conditional DETR and transformers'
 ``DabDetrForObjectDetection``, ``DetrForObjectDetection`` and
 ``ConditionalDetrForObjectDetection`` on the same weights, and this project's DAB-Deformable-DETR
-(which has no transformers counterpart), as one-call steps (a forward pass, or a training
-step: forward, loss, backward).
+and DINO (which have no transformers counterpart), as one-call steps (a forward pass, or a
+training step: forward, loss, backward; DINO's with its contrastive denoising queries).
 
 Equal weights the way ``tests/test_equivalence_transformers.py`` gets them: a random
 transformers model (its timm ResNet built offline, no pretrained download) is saved with
 ``save_pretrained``, converted with ``dab_detr.convert`` and loaded strictly into ours.
-DAB-Deformable-DETR gets its config's random initialisation (seeded: the same weights in
-every process that builds it).
+DAB-Deformable-DETR and DINO get their config's random initialisation (seeded: the same
+weights in every process that builds it).
 
 Shapes: B batch, H x W input size (no padding: every image of a batch has that size).
 """
@@ -56,8 +56,12 @@ VARIANTS: Dict[str, Variant] = {
         "conditional_detr", "COCO-Detection/conditional_detr_R_50_50ep.yaml", {},
         "ConditionalDetr",
     ),
+    # DINO-4scale: 900 queries selected from the encoder's proposals
+    "DINO-R50": Variant("dino", "COCO-Detection/dino_R_50_4scale_12ep.yaml", None),
 }
-MODELS = ("dab_detr", "dab_deformable_detr", "detr", "conditional_detr")
+MODELS = ("dab_detr", "dab_deformable_detr", "detr", "conditional_detr", "dino")
+# the models whose transformer is deformable: the attention-share section measures them
+DEFORMABLE_MODELS = ("dab_deformable_detr", "dino")
 IMPLS = ("ours", "transformers")
 NUM_QUERIES = 300  # of the DAB-DETR configs, and DabDetrConfig's default
 NUM_BOXES = 5  # ground-truth boxes per image in training steps
@@ -104,7 +108,8 @@ def _cfg(variant: str, opts: List[str]):
 
 
 def config_queries(variant: str) -> int:
-    """The number of queries of ``variant``'s config (DETR: 100, the others: 300)."""
+    """The number of queries of ``variant``'s config (DETR: 100, DINO: 900, the others:
+    300)."""
     return _cfg(variant, []).MODEL.DAB_DETR.NUM_QUERIES
 
 

@@ -1,6 +1,6 @@
 """Tables, ratios and goals of the benchmark's results (rows are flat dicts, see
-``benchmark.py``). A case that transformers has no counterpart of (DAB-Deformable-DETR) has an
-"ours" row only: "-" where a comparison would be."""
+``benchmark.py``). A case that transformers has no counterpart of (DAB-Deformable-DETR, DINO)
+has an "ours" row only: "-" where a comparison would be."""
 
 from typing import Dict, List, Optional, Sequence, Tuple
 

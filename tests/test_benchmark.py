@@ -1,7 +1,7 @@
 """``benchmarks/benchmark.py --quick`` runs end to end (tiny inputs, one repeat) and writes
 results of the documented structure: numbers, not their values, are checked here. It covers
-DAB-DETR, DETR and Conditional DETR against transformers and DAB-Deformable-DETR (ours only,
-with the share of its time in deformable attention)."""
+DAB-DETR, DETR and Conditional DETR against transformers, and DAB-Deformable-DETR and DINO (ours
+only, with the share of their time in deformable attention)."""
 
 import json
 import os
@@ -25,10 +25,13 @@ LATENCY_KEYS = {"median", "min", "max", "q1", "q3", "repeats"}
 # (impl, variant) of the inference and training sections
 PAIRED = {(i, v) for i in ("ours", "transformers")
           for v in ("R50", "R50-DC5", "DETR-R50", "Conditional-R50")}
-MEASURED = PAIRED | {("ours", "Deformable-R50")}
+# the variants without a transformers counterpart (ours only), and their model families
+OURS_ONLY = {"Deformable-R50": "dab_deformable_detr", "DINO-R50": "dino"}
+MEASURED = PAIRED | {("ours", v) for v in OURS_ONLY}
 NO_COUNTERPART = "- (no transformers counterpart)"
 # a printed attention share: "MSDeformAttn 37.8% (247 + 0 ms, 12 calls)"
-SHARE_LINE = re.compile(r"Deformable-R50 (inference|train step) \d+x\d+ B=\d: (\d+) ms CPU \(\d+ "
+SHARE_LINE = re.compile(r"(?:Deformable|DINO)-R50 (?:inference|train step) \d+x\d+ B=\d: (\d+) "
+                        r"ms CPU \(\d+ "
                         r"ms wall\): MSDeformAttn (\d+\.\d)% \((\d+) \+ (\d+) ms, 12 calls\); "
                         r"multi_scale_deformable_attention (\d+\.\d)% ")
 
@@ -72,8 +75,12 @@ def test_quick_benchmark_rows(quick_results):
     cases = {(r["impl"], r["variant"], r["batch"]) for r in results["inference"]}
     assert cases == {(i, v, b) for i, v in MEASURED for b in batches}
     assert {(r["impl"], r["variant"]) for r in results["training"]} == MEASURED
-    assert {r["model"] for r in results["inference"] if r["variant"] == "Deformable-R50"} == {
-        "dab_deformable_detr"}
+    for variant, model in OURS_ONLY.items():
+        assert {r["model"] for r in results["inference"] + results["training"]
+                if r["variant"] == variant} == {model}
+    # DINO-4scale's 900 queries are selected from the encoder's proposals
+    assert {r["num_queries"] for r in results["inference"] if r["variant"] == "DINO-R50"} == {
+        900}
     assert all(r["train"] for r in results["training"])
     assert len({r["short_side"] for r in results["scaling_size"]}) >= 2
     assert {r["impl"] for r in results["scaling_queries"]} == {"ours"}
@@ -85,10 +92,11 @@ def test_quick_benchmark_ratios_goals_and_plot(quick_results):
     # a ratio for every case measured for both: inference, training, the scaling sizes
     rows = results["inference"] + results["training"] + results["scaling_size"]
     pairs = sum(r["impl"] == "transformers" for r in rows)
-    ours_only = [r for r in rows if r["variant"] == "Deformable-R50"]
-    assert ours_only and len(rows) == 2 * pairs + len(ours_only)
+    ours_only = [r for r in rows if r["variant"] in OURS_ONLY]
+    assert {r["variant"] for r in ours_only} == set(OURS_ONLY)
+    assert len(rows) == 2 * pairs + len(ours_only)
     assert len(results["ratios"]) == pairs
-    assert "Deformable-R50" not in {r["variant"] for r in results["ratios"]}
+    assert not set(OURS_ONLY) & {r["variant"] for r in results["ratios"]}
     for r in results["ratios"]:
         assert r["latency_ratio"] > 0 and r["memory_ratio"] > 0
     assert len(results["goals"]) == 3
@@ -97,11 +105,12 @@ def test_quick_benchmark_ratios_goals_and_plot(quick_results):
     cuda = results["cuda"]
     assert "skipped" in cuda or all(r["error"] is None for r in cuda["inference"])
     assert "median ms" in stdout and "peak MiB" in stdout and "goals" in stdout
-    # the README lines: DAB-Deformable-DETR's figures, "-" for transformers and the ratio
+    # the README lines: DAB-Deformable-DETR's and DINO's figures, "-" for transformers and
+    # the ratio
     for section, what in (("inference", "inference"), ("training", "training step")):
         for r in results[section]:
-            if r["variant"] == "Deformable-R50":
-                line = (f"| {what} Deformable-R50, {r['height']}x{r['width']}, batch "
+            if r["variant"] in OURS_ONLY:
+                line = (f"| {what} {r['variant']}, {r['height']}x{r['width']}, batch "
                         f"{r['batch']} | {r['latency_ms']['median']:.0f} ms, "
                         f"{r['peak_mib']:.0f} MiB | {NO_COUNTERPART} | - |")
                 assert line in stdout, stdout
@@ -110,21 +119,24 @@ def test_quick_benchmark_ratios_goals_and_plot(quick_results):
 
 
 def test_quick_benchmark_attention_share(quick_results):
-    """Every DAB-Deformable-DETR case gets the share of its time in the MSDeformAttn modules and
-    in the function, in (0, 1), the function's inside the modules'; saved and printed."""
+    """Every DAB-Deformable-DETR and DINO case gets the share of its time in the MSDeformAttn
+    modules and in the function, in (0, 1), the function's inside the modules'; saved and
+    printed."""
     results, stdout, _ = quick_results
     settings = results["meta"]["settings"]
     rows = results["attention_share"]
-    assert {(r["train"], r["batch"]) for r in rows} == {
-        *((False, b) for b in settings["batches"]), (True, settings["train_batch"])}
+    assert {(r["variant"], r["train"], r["batch"]) for r in rows} == {
+        (v, train, b) for v in OURS_ONLY
+        for train, b in [*((False, b) for b in settings["batches"]),
+                         (True, settings["train_batch"])]}
     for r in rows:
         assert r["error"] is None, r
-        assert r["variant"] == "Deformable-R50" and r["step_ms"] > 0 and r["step_cpu_ms"] > 0
+        assert r["step_ms"] > 0 and r["step_cpu_ms"] > 0
         module, function = r["module"], r["function"]
         assert (module["label"], function["label"]) == ("MSDeformAttn",
                                                         "multi_scale_deformable_attention")
         for part in (module, function):
-            assert part["calls"] == 12  # 6 encoder and 6 decoder layers
+            assert part["calls"] == 12  # 6 encoder and 6 decoder layers (both models)
             assert part["forward_ms"] > 0 and 0 < part["share"] < 1
             # backward only in training: the nodes made inside the ranges were found
             assert (part["backward_ms"] > 0) == r["train"]
@@ -134,7 +146,7 @@ def test_quick_benchmark_attention_share(quick_results):
     printed = SHARE_LINE.findall(stdout)
     # each case printed twice: as it is measured and in the final summary
     assert len(printed) == 2 * len(rows), stdout
-    for _, step_ms, module_pct, forward, _, function_pct in printed:
+    for step_ms, module_pct, forward, _, function_pct in printed:
         assert int(step_ms) > 0 and int(forward) > 0
         assert 0 < float(function_pct) < float(module_pct) < 100
     assert "method: timing hooks" in stdout

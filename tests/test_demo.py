@@ -18,6 +18,7 @@ SHAPES = config_path("quick_schedules/dab_detr_R_18_shapes.yaml")
 DEFORMABLE_SHAPES = config_path("quick_schedules/dab_deformable_detr_R_18_shapes.yaml")
 DETR_SHAPES = config_path("quick_schedules/detr_R_18_shapes.yaml")
 CONDITIONAL_DETR_SHAPES = config_path("quick_schedules/conditional_detr_R_18_shapes.yaml")
+DINO_SHAPES = config_path("quick_schedules/dino_R_18_shapes.yaml")
 
 
 def _load_demo():
@@ -44,8 +45,9 @@ def _run(*args: str, weights: str = "", config: str = SHAPES):
 
 @pytest.mark.parametrize(
     "config, num_select",
-    [(SHAPES, 100), (DEFORMABLE_SHAPES, 100), (DETR_SHAPES, 30), (CONDITIONAL_DETR_SHAPES, 100)],
-    ids=["dab_detr", "deformable", "detr", "conditional_detr"],
+    [(SHAPES, 100), (DEFORMABLE_SHAPES, 100), (DETR_SHAPES, 30), (CONDITIONAL_DETR_SHAPES, 100),
+     (DINO_SHAPES, 100)],
+    ids=["dab_detr", "deformable", "detr", "conditional_detr", "dino"],
 )
 def test_single_image_to_file_and_json(tmp_path, config, num_select):
     src = _image(tmp_path / "in.jpg", (150, 110))

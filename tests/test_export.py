@@ -1,5 +1,5 @@
 """ONNX export (``dab_detr.export``): every family (DAB-DETR, DAB-Deformable-DETR, DETR,
-Conditional DETR) exported at one size and run by onnxruntime
+Conditional DETR, DINO) exported at one size and run by onnxruntime
 on a padded batch of two other sizes, against PyTorch's ``model.inference``; the export-exact
 padding-mask resize; errors that name what cannot be exported.
 
@@ -9,6 +9,7 @@ Shapes: B batch, S detections per image.
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,7 @@ DAB_DETR = config_path("quick_schedules/dab_detr_R_18_shapes.yaml")
 DEFORMABLE = config_path("quick_schedules/dab_deformable_detr_R_18_shapes.yaml")
 DETR = config_path("quick_schedules/detr_R_18_shapes.yaml")
 CONDITIONAL_DETR = config_path("quick_schedules/conditional_detr_R_18_shapes.yaml")
-
-
+DINO = config_path("quick_schedules/dino_R_18_shapes.yaml")
 def _model(config_file: str) -> torch.nn.Module:
     """A small random model whose heads and deformable attentions are moved off their
     initialisation, so that boxes and sampling depend on the image."""
@@ -89,8 +89,11 @@ def _export_by_command_line(folder, config_file: str):
     model = _model(config_file)
     weights, path = str(folder / "model.pth"), str(folder / "model.onnx")
     torch.save({"model": model.state_dict()}, weights)
-    main(["--config-file", config_file, "--output", path, "--example-size",
-          *map(str, EXPORT_SIZE), "--opts", "MODEL.WEIGHTS", weights, *OPTS])
+    try:
+        main(["--config-file", config_file, "--output", path, "--example-size",
+              *map(str, EXPORT_SIZE), "--opts", "MODEL.WEIGHTS", weights, *OPTS])
+    except SystemExit as e:  # the command's refusal; pytest caches a fixture's Exception only
+        raise ExportError(e.code) from e
     return model, path
 
 
@@ -111,6 +114,13 @@ def conditional_detr_onnx(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def dino_onnx(tmp_path_factory):
+    """DINO: NQ = min(NUM_QUERIES, tokens) anchors from the encoder's top-k proposals, a count
+    that depends on the image size (the command's check runs a single image, batch 1)."""
+    return _export_by_command_line(tmp_path_factory.mktemp("dino"), DINO)
+
+
+@pytest.fixture(scope="module")
 def deformable_onnx(tmp_path_factory):
     model = _model(DEFORMABLE)
     path = str(tmp_path_factory.mktemp("deformable") / "model.onnx")
@@ -121,7 +131,7 @@ def deformable_onnx(tmp_path_factory):
 @pytest.mark.parametrize(
     "exported, detections",
     [("dab_detr_onnx", 20), ("deformable_onnx", 20), ("detr_onnx", 10),
-     ("conditional_detr_onnx", 20)],
+     ("conditional_detr_onnx", 20), ("dino_onnx", 20)],
 )
 def test_onnxruntime_matches_pytorch_on_a_padded_batch_of_other_sizes(
     exported, detections, request
@@ -136,7 +146,22 @@ def test_onnxruntime_matches_pytorch_on_a_padded_batch_of_other_sizes(
     _assert_same_detections(expected, actual)
 
 
-@pytest.mark.parametrize("config_file", [DAB_DETR, DETR])
+@pytest.mark.parametrize("sizes", [[(40, 30)], [(40, 30), (16, 16)], [(16, 16)]])
+def test_dino_selects_as_many_anchors_as_a_small_image_has_tokens(dino_onnx, sizes):
+    """Images with fewer encoder tokens than NUM_QUERIES (10): 3 x 2 + 2 + 1 and 1 + 1 + 1 at
+    strides 16, 32 and 64, so NQ = 9 and 3 (S = min(20, NQ x 5)), and the proposals of the
+    padding and the border (inf, anchor sigmoid(inf) = 1) among those selected."""
+    model, path = dino_onnx
+    gen = torch.Generator().manual_seed(2)
+    images = model.preprocess_image(
+        [{"image": torch.rand(3, h, w, generator=gen) * 255} for h, w in sizes])
+    expected = pytorch_detections(model, images)
+    actual = run_onnxruntime(path, images.tensor, torch.tensor(images.image_sizes))
+    assert actual[0].shape == expected[0].shape == (len(sizes), 15 if sizes == [(16, 16)] else 20)
+    _assert_same_detections(expected, actual)
+
+
+@pytest.mark.parametrize("config_file", [DAB_DETR, DETR, DINO])
 def test_the_wrapper_computes_what_inference_does(config_file):
     """In PyTorch, the traced module's outputs are model.inference's, exactly."""
     model = _model(config_file)
@@ -194,6 +219,47 @@ def test_a_model_that_torch_export_refuses_is_named_by_its_code(tmp_path, monkey
                        r"GuardOnDataDependentSymNode"):
         export_onnx(model, str(tmp_path / "m.onnx"), EXPORT_SIZE)
     assert not os.path.exists(tmp_path / "m.onnx")
+
+
+def test_a_graph_whose_batch_size_came_out_constant_is_refused():
+    """torch.onnx.export retries a capture that fixed a dynamic dimension with it constant:
+    the export refuses such a graph, naming the dimension."""
+    ir = pytest.importorskip("onnx_ir")
+    from dab_detr.export.exporter import _check_dynamic
+
+    def graph(batch):
+        inputs = [ir.Value(name="images", shape=ir.Shape([batch, 3, "height", "width"]),
+                           type=ir.TensorType(ir.DataType.FLOAT)),
+                  ir.Value(name="image_sizes", shape=ir.Shape([batch, 2]),
+                           type=ir.TensorType(ir.DataType.INT64))]
+        return ir.Model(ir.Graph(inputs, [], nodes=[], opset_imports={"": 20}), ir_version=10)
+
+    example = (torch.zeros(2, 3, 96, 128), torch.zeros(2, 2, dtype=torch.long))
+    _check_dynamic(graph("batch"), "DINO", example)
+    with pytest.raises(ExportError, match=r"graph of DINO has a constant batch \(2, the "
+                       r"example's\).*len\(tensor\)"):
+        _check_dynamic(graph(2), "DINO", example)
+
+
+def test_constants_that_the_optimiser_left_out_of_the_graph_are_restored(tmp_path):
+    """onnxscript's FuseSuccessiveClip, run twice on one tensor, files the two fused Clips'
+    bounds under one name: the first Clip's are then in no list of the graph."""
+    ir = pytest.importorskip("onnx_ir")
+    onnxruntime = require("onnxruntime")
+    from dab_detr.export.exporter import _register_orphaned_constants
+
+    x = ir.Value(name="x", shape=ir.Shape([3]), type=ir.TensorType(ir.DataType.FLOAT))
+    low, high = (ir.Value(name=n, const_value=ir.tensor(np.array(v, np.float32)))
+                 for n, v in (("x_min_1", 0.0), ("x_max_1", 1.0)))
+    clip = ir.node("Clip", [x, low, high])
+    clip.outputs[0].name = "y"
+    model = ir.Model(ir.Graph([x], clip.outputs, nodes=[clip], opset_imports={"": 20}),
+                     ir_version=10)
+    _register_orphaned_constants(model)
+    ir.save(model, str(tmp_path / "clip.onnx"))
+    session = onnxruntime.InferenceSession(str(tmp_path / "clip.onnx"))
+    y = session.run(None, {"x": np.array([-1.0, 0.5, 2.0], np.float32)})[0]
+    np.testing.assert_array_equal(y, [0.0, 0.5, 1.0])
 
 
 def test_a_missing_runtime_is_named(monkeypatch):

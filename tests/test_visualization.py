@@ -1,7 +1,8 @@
-"""The mechanism pictures' numbers (dab_detr/modeling/transformer/mechanism.py) and
-tools/plot_metrics.py: the positional attention of an anchor peaks at its centre and narrows
-with w_ref / w and with a lower temperature; a traced model's queries and maps are exactly
-what its decoder computed."""
+"""The mechanism pictures' numbers (dab_detr/modeling/transformer/mechanism.py and
+deformable_transformer/mechanism.py) and tools/plot_metrics.py: the positional attention of an
+anchor peaks at its centre and narrows with w_ref / w and with a lower temperature; a traced
+model's queries, maps, sampling points and (DINO) selected proposals are exactly what its
+decoder computed."""
 
 import importlib.util
 import json
@@ -17,7 +18,7 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 from conftest import REPO, config_path, load_cfg
-from dab_detr.layers import multi_scale_deformable_attention
+from dab_detr.layers import multi_scale_deformable_attention, refine_boxes
 from dab_detr.modeling.deformable_transformer.mechanism import (
     level_strides,
     level_to_pixels,
@@ -196,20 +197,27 @@ def test_plot_metrics_writes_a_png(tmp_path):
 
 
 DEFORMABLE = "quick_schedules/dab_deformable_detr_R_18_shapes.yaml"
+DINO = "quick_schedules/dino_R_18_shapes.yaml"
 
 
-def _sampling_trace(size: Tuple[int, int] = (96, 128)):
-    """A random-weights shapes DAB-Deformable-DETR whose cross-attentions sample off their
-    initial grid with unequal weights and whose box heads move the anchors, traced on one
-    ``size`` (h, w) image; with every cross-attention call as the test's own hook saw it,
-    ``(args, output)``."""
-    model = build_model(load_cfg(DEFORMABLE)).eval()
+def _sampling_trace(size: Tuple[int, int] = (96, 128), config: str = DEFORMABLE):
+    """A random-weights shapes DAB-Deformable-DETR (or ``config``'s model: DINO) whose
+    cross-attentions sample off their initial grid with unequal weights and whose box heads
+    move the anchors (DINO: and whose final decoder norm is not the identity on the layers'
+    normed outputs), traced on one ``size`` (h, w) image; with every cross-attention call as
+    the test's own hook saw it, ``(args, output)``."""
+    model = build_model(load_cfg(config)).eval()
+    heads = model.bbox_embed
     with torch.no_grad():
         for layer in model.transformer.decoder.layers:
             layer.cross_attn.sampling_offsets.weight.normal_(0, 0.05)
             layer.cross_attn.attention_weights.weight.normal_(0, 0.3)
-        for head in model.bbox_embed:
+        for head in heads if isinstance(heads, torch.nn.ModuleList) else [heads]:
             head.layers[-1].weight.normal_(0, 0.1)
+        norm = model.transformer.decoder.norm  # DINO's final norm: off the identity
+        if norm is not None:
+            norm.weight.normal_(1, 0.2)
+            norm.bias.normal_(0, 0.2)
     images = model.preprocess_image([{"image": torch.rand(3, *size) * 255}])
     calls = []
     hooks = [layer.cross_attn.register_forward_hook(
@@ -221,11 +229,12 @@ def _sampling_trace(size: Tuple[int, int] = (96, 128)):
     return model, images, trace, calls
 
 
-def test_sampling_trace_is_what_the_cross_attention_used():
-    model, images, trace, calls = _sampling_trace()
+def _check_cross_attention_calls(model, trace, calls, num_queries: int = 30):
+    """The trace's reference boxes, sampling locations and weights rebuild each decoder
+    cross-attention's output."""
     layers = model.transformer.decoder.layers
     ca = layers[0].cross_attn
-    shape = (len(layers), 30, ca.n_heads, ca.n_levels, ca.n_points)
+    shape = (len(layers), num_queries, ca.n_heads, ca.n_levels, ca.n_points)
     assert trace.locations.shape == (*shape, 2) and trace.weights.shape == shape
     assert len(calls) == len(layers)
     for n, ((_, reference, memory, shapes, _, mask), output) in enumerate(calls):
@@ -239,6 +248,11 @@ def test_sampling_trace_is_what_the_cross_attention_used():
             rebuilt = ca.output_proj(multi_scale_deformable_attention(
                 value, shapes, trace.locations[n][None], trace.weights[n][None]))
         torch.testing.assert_close(rebuilt, output)
+
+
+def test_sampling_trace_is_what_the_cross_attention_used():
+    model, images, trace, calls = _sampling_trace()
+    _check_cross_attention_calls(model, trace, calls)
     # the anchors each layer used: the learned ones, then each layer's refined boxes
     torch.testing.assert_close(trace.anchors[0], model.queries(1)[1][0])
     boxes = [aux["pred_boxes"][0] for aux in trace.outputs["aux_outputs"]]
@@ -276,6 +290,35 @@ def test_level_to_pixels_puts_an_unpadded_level_centre_at_the_image_centre():
     torch.testing.assert_close(boxes, (trace.anchors * scale)[:, :, None].expand_as(boxes))
 
 
+def test_dino_trace_starts_from_the_selected_proposals():
+    """DINO: the same trace; the first anchors are the selected encoder proposals
+    (``interm_outputs``), and each next layer's are the refinement of the layer's raw output,
+    not the boxes it reports from its normed output."""
+    model, images, trace, calls = _sampling_trace(config=DINO)
+    _check_cross_attention_calls(model, trace, calls)
+    interm = trace.outputs["interm_outputs"]
+    assert interm["pred_logits"].shape == (1, 30, model.num_classes)
+    torch.testing.assert_close(trace.anchors[0], interm["pred_boxes"][0])
+    # the 30 selected are the encoder's best by their best class, best first
+    selected = interm["pred_logits"][0].max(-1).values
+    assert (selected[:-1] >= selected[1:]).all()
+    decoder = model.transformer.decoder
+    raw = []
+    hooks = [layer.register_forward_hook(lambda module, args, output: raw.append(output))
+             for layer in decoder.layers]
+    with torch.no_grad():
+        outputs = model.forward_predictions(images)
+        for hook in hooks:
+            hook.remove()
+        for n in range(len(decoder.layers) - 1):
+            refined = refine_boxes(trace.anchors[n], decoder.box_head(n)(raw[n][0]))
+            torch.testing.assert_close(trace.anchors[n + 1], refined)
+    boxes = torch.stack([aux["pred_boxes"][0] for aux in trace.outputs["aux_outputs"]])
+    assert not torch.allclose(trace.anchors[1:], boxes)  # the final norm comes in between
+    torch.testing.assert_close(trace.outputs["pred_boxes"], outputs["pred_boxes"])
+    torch.testing.assert_close(trace.weights.sum((-2, -1)), torch.ones(trace.weights.shape[:3]))
+
+
 def test_sampling_trace_refuses_a_batch():
     model = build_model(load_cfg(DEFORMABLE)).eval()
     images = model.preprocess_image([{"image": torch.zeros(3, 32, 32)}] * 2)
@@ -291,9 +334,13 @@ def _load_tool():
     return module
 
 
+SAMPLING_PICTURES = ["sampling_points_layer0.png", "sampling_points_layer1.png",
+                     "sampling_points_layer2.png"]
+
+
 @pytest.mark.parametrize("config, pictures", [
-    (DEFORMABLE, ["sampling_points_layer0.png", "sampling_points_layer1.png",
-                  "sampling_points_layer2.png"]),
+    (DEFORMABLE, SAMPLING_PICTURES),
+    (DINO, [*SAMPLING_PICTURES, "selected_proposals.png"]),
     (SHAPES, ["positional_attention_layer0.png", "positional_attention_layer1.png",
               "positional_attention_layer2.png", "positional_attention_temperature.png"]),
 ])

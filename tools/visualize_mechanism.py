@@ -26,6 +26,18 @@ For a DAB-Deformable-DETR config (MODEL.META_ARCHITECTURE "DABDeformableDETR"):
                                      feature level, all heads, coloured and sized by their
                                      attention weight, with the anchor as the level sees it
 
+For a DINO config (MODEL.META_ARCHITECTURE "DINO") the same pictures, and:
+
+  anchors.png                        the selected encoder proposals: the top NUM_QUERIES
+                                     encoder proposals by their best class, each query's first
+                                     anchor (``interm_outputs``)
+  selected_proposals.png             the ``--top`` highest-scoring queries: their selected
+                                     proposal (first anchor) with the encoder's class and
+                                     score, and their box after the last decoder layer
+
+In DINO a layer's anchors are the previous layer's raw output's refinement, not the boxes it
+reports (made from its normed output): box_refinement.png shows the reported boxes.
+
 A level's locations are drawn where its feature map lies on the image (location x of a map of
 width W_l and stride s_l at x * W_l * s_l input pixels; see
 dab_detr/modeling/deformable_transformer/mechanism.py). ``--layer`` and ``--grid`` apply to
@@ -76,7 +88,8 @@ TEMPERATURES = (20.0, 10000.0)
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Pictures of DAB-DETR's (or DAB-Deformable-DETR's) anchors and attention")
+        description="Pictures of DAB-DETR's (DAB-Deformable-DETR's, DINO's) anchors and "
+                    "attention")
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--input", required=True, help="an image")
     parser.add_argument("--output", required=True, help="folder for the PNGs")
@@ -86,6 +99,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="layer whose w/h modulation the temperature picture uses")
     parser.add_argument("--grid", type=int, default=64,
                         help="key positions along the longer side (0: the feature map)")
+    parser.add_argument("--top", type=int, default=10,
+                        help="DINO: queries drawn in selected_proposals.png")
     parser.add_argument("--dpi", type=int, default=100, help="resolution of the PNGs")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS m.pth")
@@ -279,6 +294,43 @@ def plot_sampling_points(trace: SamplingTrace, strides: List[int], layer: int, q
     plt.close(fig)
 
 
+def _label(logits: torch.Tensor, class_names: Optional[List[str]]) -> str:
+    """``"circle 0.42"``: the best class of ``(K,)`` logits and its score."""
+    score, cls = logits.sigmoid().max(0)
+    return f"{class_names[int(cls)] if class_names else int(cls)} {float(score):.2f}"
+
+
+def plot_selected_proposals(outputs: Dict, top: int, image: np.ndarray,
+                            class_names: Optional[List[str]], path: str, dpi: int) -> None:
+    """DINO's query selection for the ``top`` highest-scoring queries: left, the encoder
+    proposal each was given as its first anchor (``interm_outputs``: the encoder's class and
+    score); right, the same queries' boxes after the last decoder layer. One colour per
+    query."""
+    interm = outputs["interm_outputs"]
+    scores = outputs["pred_logits"][0].sigmoid().max(-1).values  # (NQ,)
+    queries = scores.topk(min(top, len(scores))).indices.tolist()
+    colors = plt.cm.tab10(np.arange(len(queries)) % 10)
+    size = (image.shape[1], image.shape[0])
+    aspect = image.shape[0] / image.shape[1]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6 * aspect + 1.2))
+    num_selected = interm["pred_boxes"].shape[1]
+    _show(axes[0], image, f"their selected proposals (first anchors), encoder's class and "
+                          f"score\n(query q: the q-th best of the {num_selected} selected)")
+    _show(axes[1], image, "their boxes after the last decoder layer")
+    for color, q in zip(colors, queries):
+        for ax, out, style in ((axes[0], interm, "--"), (axes[1], outputs, "-")):
+            box = out["pred_boxes"][0, q].tolist()
+            _box(ax, box, size, edgecolor=color, linewidth=2, linestyle=style,
+                 label=f"query {q}: {_label(out['pred_logits'][0, q], class_names)}")
+    for ax in axes:  # below the image, which it would hide
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2, fontsize=7)
+    fig.suptitle(f"DINO query selection: the {len(queries)} highest-scoring queries",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")  # the legends included
+    plt.close(fig)
+
+
 def _pick_query(parser: argparse.ArgumentParser, outputs: Dict, query: Optional[int]):
     """``(query, its score)``: ``query``, or the query with the highest score."""
     scores = outputs["pred_logits"][0].sigmoid().max(-1).values  # (NQ,)
@@ -321,7 +373,13 @@ def deformable_pictures(args: argparse.Namespace, parser: argparse.ArgumentParse
     query, score = _pick_query(parser, trace.outputs, args.query)
     out = _output_paths(args.output)
 
-    if model.two_stage:  # no learned anchors: the decoder starts from the encoder's proposals
+    dino = "interm_outputs" in trace.outputs
+    if dino:  # the top encoder proposals by their best class are the first anchors
+        plot_anchors(trace.outputs["interm_outputs"]["pred_boxes"][0].cpu(), query, image,
+                     out("anchors.png"), args.dpi, name="selected encoder proposals")
+        plot_selected_proposals(trace.outputs, args.top, image, class_names,
+                                out("selected_proposals.png"), args.dpi)
+    elif model.two_stage:  # no learned anchors: the decoder starts from the encoder's proposals
         plot_anchors(trace.anchors[0].cpu(), query, image, out("anchors.png"), args.dpi,
                      name="encoder proposals")
     else:
@@ -343,10 +401,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     register_builtin_datasets()
     cfg = setup_cfg(args.config_file, args.opts)
     meta = cfg.MODEL.META_ARCHITECTURE
-    if meta not in ("DABDETR", "DABDeformableDETR") or cfg.MODEL.DAB_DETR.QUERY_DIM != 4:
+    if (meta not in ("DABDETR", "DABDeformableDETR", "DINO")
+            or cfg.MODEL.DAB_DETR.QUERY_DIM != 4):
         parser.error(f"{args.config_file}: MODEL.META_ARCHITECTURE {meta!r}, QUERY_DIM "
                      f"{cfg.MODEL.DAB_DETR.QUERY_DIM}: the pictures are of anchor boxes, "
-                     "DABDETR (QUERY_DIM 4) or DABDeformableDETR")
+                     "DABDETR (QUERY_DIM 4), DABDeformableDETR or DINO")
     predictor = build_predictor(cfg)
     model = predictor.model
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
@@ -358,7 +417,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
     images = model.preprocess_image([{"image": tensor}])
     image = np.ascontiguousarray(original[:, :, ::-1])  # RGB, for drawing
-    pictures = (deformable_pictures if cfg.MODEL.META_ARCHITECTURE == "DABDeformableDETR"
+    pictures = (deformable_pictures if meta in ("DABDeformableDETR", "DINO")
                 else dab_detr_pictures)
     pictures(args, parser, model, images, image, metadata.get("thing_classes", None))
 

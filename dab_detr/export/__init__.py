@@ -1,4 +1,4 @@
-"""ONNX export of DAB-DETR and DAB-Deformable-DETR (``python -m dab_detr.export``): the module
+"""ONNX export of the models of ``EXPORTABLE`` (``python -m dab_detr.export``): the module
 traced (``wrapper``), the export with dynamic batch and image sizes (``exporter``) and the check
 against onnxruntime (``check``). onnx, onnxscript and onnxruntime are imported only when used."""
 

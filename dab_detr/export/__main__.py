@@ -1,4 +1,5 @@
-"""Export a DAB-DETR or DAB-Deformable-DETR config to ONNX and check it against onnxruntime.
+"""Export a config of this project (DAB-DETR, DAB-Deformable-DETR, DETR, Conditional DETR,
+DINO) to ONNX and check it against onnxruntime.
 
 Usage::
 
@@ -17,7 +18,8 @@ The graph (batch B, height H and width W dynamic; opset 20, see dab_detr/export/
                downsampled copies and the position encodings are computed from them in the
                graph, so an image's detections do not depend on what it is batched with.
   scores       (B, S) float32: sigmoid scores, best first; S = min(NUM_SELECT, queries x
-               classes).
+               classes) (DINO: queries = min(NUM_QUERIES, encoder tokens), fewer on a small
+               image).
   classes      (B, S) int64: class indices into the dataset's thing classes.
   boxes        (B, S, 4) float32: XYXY in pixels of the unpadded input image (not clipped, as
                model.inference returns them; Detectron2's detector_postprocess then clips and

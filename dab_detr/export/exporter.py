@@ -6,7 +6,11 @@ TorchScript tracer: the tracer records every size computed in Python (the levels
 token counts, ``arange`` lengths) as the constant it had on the example, so a graph traced at
 one image size silently computes garbage at another. ``torch.export`` keeps them symbolic and
 refuses, with an error, any code that would fix a dimension declared dynamic; an export that
-succeeds is dynamic in B, H and W.
+succeeds is dynamic in B, H and W. But ``torch.onnx.export`` retries a refused capture with the
+fixes that torch.export suggests (a minimum size: the multi-scale models' smallest map has more
+than one row and column on the example, ``Dim("height", min=65)``; or a constant), and then
+with Dynamo's strict capture: ``_check_dynamic`` refuses a file in which B, H or W came out
+constant.
 
 Shapes: B batch, H x W the padded batch, S detections per image.
 """
@@ -72,7 +76,7 @@ def export_onnx(
 
     Args:
         model: a model of ``EXPORTABLE`` (DAB-DETR, DAB-Deformable-DETR, DETR, Conditional
-            DETR) on the CPU.
+            DETR, DINO) on the CPU.
         path: the ``.onnx`` file to write (weights inside it up to ONNX's 2 GB limit).
         example_size: ``(H, W)`` of the example batch the graph is captured on; any size
             runs afterwards.
@@ -108,10 +112,67 @@ def export_onnx(
             f"torch.export could not capture {type(model).__name__}{_where(e)}: "
             f"{_first_line(e)}"
         ) from e
+    _check_dynamic(program.model, type(model).__name__, (images, sizes))
+    _register_orphaned_constants(program.model)
     for key, value in (metadata or {}).items():
         program.model.metadata_props[key] = value
     program.save(path)
+    try:
+        require("onnx").checker.check_model(path)
+    except Exception as e:
+        raise ExportError(f"{path}: the ONNX file written is invalid: {_first_line(e)}") from e
     logger.info("wrote %s (opset %d; batch, height and width dynamic)", path, OPSET)
+
+
+def _check_dynamic(model, name: str, example: Tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Refuse a graph whose batch size, height or width is a constant (the example's).
+
+    Args:
+        model: the exported ``onnx_ir.Model``.
+        name: the model's class name, for the message.
+        example: the example inputs, whose sizes a constant dimension took.
+
+    Raises:
+        ExportError: naming the dimensions made constant.
+    """
+    dynamic = {"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"}}
+    fixed = {}
+    for value, tensor in zip(model.graph.inputs, example):
+        for axis, dim_name in dynamic[value.name].items():
+            dim = value.shape[axis] if value.shape is not None else None
+            if isinstance(dim, int):
+                fixed[dim_name] = tensor.shape[axis]
+    if fixed:
+        raise ExportError(
+            f"the ONNX graph of {name} has a constant "
+            + ", ".join(f"{k} ({v}, the example's)" for k, v in fixed.items())
+            + ": the model's code fixed a dimension declared dynamic (a Python int taken of "
+            "a tensor's size, such as len(tensor)); TORCH_LOGS=+dynamic shows the guard "
+            "'Eq(s.., N)' and its line"
+        )
+
+
+def _register_orphaned_constants(model) -> None:
+    """Make the constants that a node reads but the graph lost initializers again.
+
+    onnxscript's rewriter (``RewriteRuleSet._apply_to_graph_or_function``, 0.7) files the
+    initializers a rewrite makes by name, replacing one of the same name; ``FuseSuccessiveClip``
+    names the bounds of its Clip after its input (``sigmoid_min``, ``sigmoid_max``), so two
+    ``Clip(Clip(x))`` fused on one tensor (DINO's decoder takes ``inverse_sigmoid`` of its
+    first anchors twice) leave the first Clip reading bounds that no list of the graph holds,
+    a file that onnxruntime refuses ("Node input 'sigmoid_min_1' is not a graph input,
+    initializer, or output of a previous node"). The bounds are still attached to their values:
+    registering them restores the graph that was meant.
+
+    Args:
+        model: the exported ``onnx_ir.Model``, changed in place.
+    """
+    graph = model.graph
+    for node in graph:
+        for value in node.inputs:
+            if (value is not None and value.producer() is None and value.const_value is not None
+                    and not value.is_graph_input() and not value.is_initializer()):
+                graph.register_initializer(value)
 
 
 def _causes(error: BaseException) -> List[BaseException]:
@@ -126,7 +187,11 @@ def _first_line(error: BaseException) -> str:
     """The innermost cause's first non-empty line, which says what failed."""
     inner = _causes(error)[-1]
     lines = [line for line in str(inner).splitlines() if line.strip()]
-    return f"{type(inner).__name__}: {lines[0] if lines else ''}"
+    first = f"{type(inner).__name__}: {lines[0] if lines else ''}"
+    # a dimension declared dynamic that the code fixed: which one, and to what
+    fixed = list(dict.fromkeys(line.strip(" -") for line in lines
+                               if "your code specialized it to be a constant" in line))
+    return " ".join([first, *(line.split(". If you")[0] for line in fixed)])
 
 
 def _where(error: BaseException) -> str:

@@ -4,7 +4,8 @@ of normalised images and their sizes to its top-k detections, through the model'
 ``top_detections`` (the top-k of ``inference``), so that the graph computes nothing the model
 does not.
 
-Shapes: B batch, H x W the padded batch, S = min(NUM_SELECT, NQ * K) detections per image.
+Shapes: B batch, H x W the padded batch, S = min(NUM_SELECT, NQ * K) detections per image
+(DINO: NQ = min(NUM_QUERIES, encoder tokens), which depends on H and W).
 """
 
 from typing import Tuple
@@ -13,13 +14,13 @@ import torch
 from detectron2.structures import ImageList
 from torch import nn
 
-from ..modeling.meta_arch import DABDETR, DETR, ConditionalDETR, DABDeformableDETR
+from ..modeling.meta_arch import DABDETR, DETR, DINO, ConditionalDETR, DABDeformableDETR
 
 __all__ = ["EXPORTABLE", "ExportError", "ExportableDetector"]
 
 # The meta-architectures the export knows, by their META_ARCH_REGISTRY names.
 EXPORTABLE = {"DABDETR": DABDETR, "DABDeformableDETR": DABDeformableDETR, "DETR": DETR,
-              "ConditionalDETR": ConditionalDETR}
+              "ConditionalDETR": ConditionalDETR, "DINO": DINO}
 
 
 class ExportError(ValueError):

@@ -1,4 +1,4 @@
-"""Where DAB-Deformable-DETR's decoder looks, in numbers that can be drawn.
+"""Where DAB-Deformable-DETR's (and DINO's) decoder looks, in numbers that can be drawn.
 
 In decoder layer n the cross-attention of a query samples, per head and feature level, P
 points around its anchor (the anchor scaled to the level's padded map by the level's valid
@@ -8,6 +8,12 @@ size, and averages them with weights that sum to 1 over the levels and points of
 locations and weights, computed by the layer's own ``MSDeformAttn.sampling_locations_and_weights``
 on the inputs it was called with; ``level_to_pixels`` places a level's locations on the input
 image.
+
+DINO's decoder is DAB-Deformable-DETR's: the same trace. Its first anchors are the selected
+encoder proposals (``outputs["interm_outputs"]["pred_boxes"]``), and a layer's next anchors are
+the refinement of its raw output, while the boxes it reports are made from its normed output
+(and, looking forward twice, refine the previous layer's boxes): unlike DAB-Deformable-DETR's,
+``anchors[n + 1]`` are not layer n's ``aux_outputs`` boxes.
 
 Shapes: N decoder layers, NQ queries, h heads, L levels of H_l x W_l (padded), P points per
 head and level. Anchors are cxcywh normalised by the unpadded input image; locations are
@@ -29,11 +35,13 @@ __all__ = ["SamplingTrace", "level_strides", "level_to_pixels", "trace_sampling"
 
 @dataclass
 class SamplingTrace:
-    """What a DAB-Deformable-DETR's decoder did for one image.
+    """What a DAB-Deformable-DETR's (or DINO's) decoder did for one image.
 
     Attributes:
         outputs: the model's ``forward_predictions`` (``pred_logits``, ``pred_boxes``,
-            ``aux_outputs``): ``(1, NQ, K)`` logits and ``(1, NQ, 4)`` cxcywh boxes per layer.
+            ``aux_outputs``): ``(1, NQ, K)`` logits and ``(1, NQ, 4)`` cxcywh boxes per layer;
+            DINO's also ``interm_outputs``, the selected proposals' logits and boxes (the
+            first anchors).
         anchors: ``(N, NQ, 4)`` the anchors each layer used (the decoder's ``references``).
         reference_boxes: ``(N, NQ, L, 4)`` the same anchors scaled to each level's padded
             map: the reference boxes of the cross-attention.
@@ -61,7 +69,7 @@ def trace_sampling(model: nn.Module, images: Any) -> SamplingTrace:
     anchors, sampling locations and attention weights.
 
     Args:
-        model: a ``DABDeformableDETR`` in eval mode.
+        model: a ``DABDeformableDETR`` or ``DINO`` in eval mode.
         images: an ``ImageList`` of one image, as ``model.preprocess_image`` makes it.
     """
     if len(images) != 1:
@@ -115,9 +123,9 @@ def _valid_size(mask: torch.Tensor) -> torch.Tensor:
 
 
 def level_strides(model: nn.Module) -> List[int]:
-    """The stride of each of a ``DABDeformableDETR``'s L levels, in input pixels: the
-    backbone's for its maps, doubled for each level beyond them (``input_proj``'s stride-2
-    convolutions)."""
+    """The stride of each of a ``DABDeformableDETR``'s (or ``DINO``'s) L levels, in input
+    pixels: the backbone's for its maps, doubled for each level beyond them (``input_proj``'s
+    stride-2 convolutions)."""
     shapes = model.backbone.output_shape()
     strides = [shapes[name].stride for name in model.in_features]
     while len(strides) < len(model.input_proj):

@@ -166,7 +166,7 @@ class EncoderProposals(nn.Module):
         top = score.topk(k, dim=1).indices  # (B, K)
         top_unact = torch.gather(enc_unact, 1, top.unsqueeze(-1).expand(-1, -1, 4))
         if self.query == "dino":
-            tgt = self.tgt_embed.weight[:k].unsqueeze(0).expand(len(memory), -1, -1)
+            tgt = self.tgt_embed.weight[:k].unsqueeze(0).expand(memory.shape[0], -1, -1)
             top_logits = torch.gather(enc_logits, 1,
                                       top.unsqueeze(-1).expand(-1, -1, enc_logits.shape[-1]))
             return tgt, top_unact.detach().sigmoid(), top_logits, top_unact.sigmoid()
