@@ -90,9 +90,11 @@ def add_dab_detr_config(cfg: CN) -> None:
     d.DN.ENABLED = False
     # Groups of noised copies of every ground-truth object.
     d.DN.NUM_GROUPS = 5
-    # Probability that a denoising query's label is replaced by a random class.
+    # Probability that a denoising query's label is replaced by a random class (DINO: twice it,
+    # see MODEL.DAB_DETR.DINO).
     d.DN.LABEL_NOISE = 0.2
-    # Box jitter: centres move by up to BOX_NOISE * (w/2, h/2), sizes by up to BOX_NOISE * (w, h).
+    # Box jitter: centres move by up to BOX_NOISE * (w/2, h/2), sizes by up to BOX_NOISE * (w, h)
+    # (DINO: each corner, see MODEL.DAB_DETR.DINO).
     d.DN.BOX_NOISE = 0.4
 
     # DAB-Deformable-DETR (MODEL.META_ARCHITECTURE "DABDeformableDETR"): multi-scale deformable
@@ -131,6 +133,8 @@ def add_dab_detr_config(cfg: CN) -> None:
     d.DINO = CN()
     # Positive denoising queries per image at most (dn_number): each batch gets
     # max(1, DN_NUMBER // its largest object count) groups of positives and as many negatives.
+    # (The official code follows this rule for DN_NUMBER >= 50, as in its configs (100); below
+    # 50 it makes 2 * DN_NUMBER groups whatever the objects. Here the rule holds for any value.)
     d.DINO.DN_NUMBER = 100
     # A layer's reported boxes refine the previous layer's boxes before they are detached, so
     # that its loss also trains the previous layer's box head (DINO's "look forward twice");
@@ -148,8 +152,9 @@ def add_dab_detr_config(cfg: CN) -> None:
     # Learning-rate factor of the backbone relative to SOLVER.BASE_LR.
     _C.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # Learning-rate factor of the deformable attentions' sampling offsets (and learned
-    # reference points) relative to SOLVER.BASE_LR: 0.1 in Deformable DETR and DINO
-    # (lr_linear_proj_mult); 1.0 keeps them in the main group.
+    # reference points) relative to SOLVER.BASE_LR: 0.1 in Deformable DETR's main.py
+    # (lr_linear_proj_mult); 1.0 (DINO's official and detrex's recipes) keeps them in the main
+    # group.
     _C.SOLVER.LINEAR_PROJ_MULTIPLIER = 1.0
     # "ADAMW" (the paper's optimizer) or "SGD".
     _C.SOLVER.OPTIMIZER = "ADAMW"

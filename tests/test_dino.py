@@ -12,6 +12,7 @@ from detectron2.modeling import build_model
 from torch import nn
 
 from conftest import SMALL, config_path
+from dab_detr.checkpoint import DabDetrCheckpointer
 from dab_detr.checkpoint.conversion import convert_official
 from dab_detr.config import get_dab_detr_cfg
 from dab_detr.layers import MLP, MSDeformAttn
@@ -214,9 +215,51 @@ def test_look_forward_twice_trains_the_earlier_box_head(look_forward_twice):
     assert not torch.allclose(refs2[1], boxes2[0])  # reported boxes: from the normed output
 
 
-def test_shared_box_head_is_one_module():
-    decoder = _decoder(True, shared=True)
-    assert decoder.box_head(0) is decoder.box_head(2)
+def test_heads_and_their_initialisation():
+    """As the official model: one class and one box head for every decoder layer (the decoder's
+    box head is the detector's), encoder heads that start as copies of them but are modules of
+    their own, the focal prior in the class biases, zero box deltas, and Xavier-uniform static
+    content queries (drawn N(0, 1), then Xavier like every matrix of the transformer)."""
+    model = build_model(_cfg())
+    decoder = model.transformer.decoder
+    assert decoder.box_head(0) is decoder.box_head(len(decoder.layers) - 1) is model.bbox_embed
+    proposals = model.transformer.proposals
+    for enc, dec in ((proposals.enc_out_class_embed, model.class_embed),
+                     (proposals.enc_out_bbox_embed, model.bbox_embed)):
+        assert enc is not dec
+        for (name, a), b in zip(enc.state_dict().items(), dec.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(model.class_embed.bias,
+                               torch.full((K,), -math.log((1 - 0.01) / 0.01)))
+    assert (model.bbox_embed.layers[-1].weight == 0).all()
+    tgt = proposals.tgt_embed.weight  # (10, 64): Xavier bound sqrt(6 / 74)
+    bound = math.sqrt(6 / sum(tgt.shape))
+    assert tgt.abs().max() <= bound and tgt.std() > bound / 3
+
+
+def test_checkpoint_head_layouts(tmp_path, caplog):
+    """A file with shared heads (the official layout) loads into a model with one head per
+    layer (detrex's) as copies; the reverse is refused naming the key; a model without
+    denoising drops the file's label embedding with a warning."""
+    shared = build_model(_cfg())
+    path = tmp_path / "shared.pth"
+    torch.save({"model": shared.state_dict()}, path)
+    per_layer = build_model(_cfg("MODEL.DAB_DETR.DINO.SHARED_HEADS", "False"))
+    DabDetrCheckpointer(per_layer).load(str(path))
+    for i in range(2):
+        torch.testing.assert_close(per_layer.class_embed[i].weight, shared.class_embed.weight)
+        torch.testing.assert_close(per_layer.bbox_embed[i].layers[0].weight,
+                                   shared.bbox_embed.layers[0].weight)
+    assert per_layer.transformer.decoder.box_head(1) is per_layer.bbox_embed[1]
+    torch.save({"model": per_layer.state_dict()}, tmp_path / "per_layer.pth")
+    with pytest.raises(InputValueError,
+                       match=r"per_layer\.pth.*MODEL\.DAB_DETR\.DINO\.SHARED_HEADS"):
+        DabDetrCheckpointer(build_model(_cfg())).load(str(tmp_path / "per_layer.pth"))
+    no_dn = build_model(_cfg("MODEL.DAB_DETR.DN.ENABLED", "False"))
+    with caplog.at_level("WARNING"):
+        DabDetrCheckpointer(no_dn).load(str(path))
+    assert "label_enc.weight" in caplog.text
+    torch.testing.assert_close(no_dn.class_embed.weight, shared.class_embed.weight)
 
 
 def test_dino_model_heads_and_static_content():

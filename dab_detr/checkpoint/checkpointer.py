@@ -35,7 +35,7 @@ from ..utils.file_io import atomic_write, remove_stale_temporaries
 from ..utils.user_errors import InputFileNotFoundError, InputValueError
 from .arch_record import ARCH_KEY, plain
 from .conversion import convert_state_dict, detect_layout, state_dict_of
-from .renaming import ClassCountError, StateDict, map_class_head
+from .renaming import ClassCountError, StateDict, fit_dino_heads, map_class_head
 from .safe_load import load_restricted_pickle, load_state_dict_file, resolve_weight_file
 
 __all__ = ["CLASS_HEAD_PREFIX", "DabDetrCheckpointer", "TRAINING_MODEL_KEY"]
@@ -188,6 +188,10 @@ class DabDetrCheckpointer(DetectionCheckpointer):
                 )
                 averaged = None
         if not checkpoint.get("matching_heuristics", False):
+            try:
+                fit_dino_heads(checkpoint["model"], self.model.state_dict().keys())
+            except InputValueError as e:
+                raise InputValueError(f"{self._loading}: {e}") from None
             self._check_shapes(checkpoint["model"])
         incompatible = super()._load_model(checkpoint)
         if averaged is not None:
@@ -228,6 +232,13 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             if k in expected and hasattr(v, "shape") and tuple(v.shape) != tuple(expected[k].shape)
         }
         source = self._loading
+        dino = "transformer.proposals.tgt_embed.weight" in expected
+        if "label_enc.weight" in weights and "label_enc.weight" not in expected and dino:
+            # DINO's label embedding makes the denoising queries only: inference without it is
+            # the same
+            del weights["label_enc.weight"]
+            self.logger.warning(f"{source}: its denoising label embedding (label_enc.weight) is "
+                                "not loaded: MODEL.DAB_DETR.DN.ENABLED is False")
         if "label_enc.weight" in weights and "label_enc.weight" not in expected:
             raise InputValueError(
                 f"{source} is a DN-DETR checkpoint (it has label_enc.weight: the content queries "

@@ -6,7 +6,7 @@ Shapes: K classes, C channels.
 """
 
 import re
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Collection, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -14,7 +14,7 @@ from ..utils.user_errors import InputValueError
 
 __all__ = [
     "ClassCountError", "Rule", "StateDict", "coco_class_rows", "convert_resnet",
-    "map_class_head", "model_by_marker", "pack_qkv", "rename", "require",
+    "fit_dino_heads", "map_class_head", "model_by_marker", "pack_qkv", "rename", "require",
 ]
 
 StateDict = Dict[str, torch.Tensor]
@@ -119,6 +119,36 @@ def map_class_head(sd: StateDict, num_classes: Optional[int], no_object: bool = 
     for name, rows in index.items():  # all checked first: nothing changed if one raises
         if rows is not None:
             sd[name] = sd[name][rows]
+
+
+def fit_dino_heads(sd: StateDict, model_names: Collection[str]) -> None:
+    """DINO's decoder heads laid out as the model has them, in place: a file with one shared
+    class and box head (the official layout) into a model with one per layer (``DINO.SHARED_HEADS
+    False``, detrex's) gives every layer a copy. Other models and matching layouts: unchanged.
+
+    Raises:
+        InputValueError: the file has one head per layer and the model shares one, naming the
+            key to set.
+    """
+    if "transformer.proposals.tgt_embed.weight" not in model_names:
+        return  # not DINO
+    per_layer_model = "class_embed.0.weight" in model_names
+    if per_layer_model and "class_embed.weight" in sd:
+        layers = sorted({int(m[1]) for k in model_names
+                         if (m := re.fullmatch(r"class_embed\.(\d+)\.weight", k))})
+        prefixes = ("class_embed.", "bbox_embed.", "transformer.decoder.bbox_embed.")
+        shared = {k: v for k, v in sd.items() if k.startswith(prefixes)
+                  and not re.match(r"(?:transformer\.decoder\.)?(?:class|bbox)_embed\.\d+\.", k)}
+        for k, v in shared.items():
+            del sd[k]
+            prefix = next(p for p in prefixes[::-1] if k.startswith(p))
+            for i in layers:
+                sd[f"{prefix}{i}.{k[len(prefix):]}"] = v
+    elif not per_layer_model and "class_embed.0.weight" in sd:
+        raise InputValueError(
+            "the weights have one class and box head per decoder layer (detrex's DINO), the "
+            "config one shared head: set MODEL.DAB_DETR.DINO.SHARED_HEADS False (as the "
+            "dino_*_detrex.yaml configs do)")
 
 
 def require(sd: StateDict, key: str, what: str) -> None:

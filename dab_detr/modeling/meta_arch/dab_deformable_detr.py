@@ -21,12 +21,12 @@ from ...layers import MLP, PositionEmbeddingSine, copy_first_parameters
 from ..criterion import SetCriterion
 from ..deformable_transformer import TWO_STAGE_QUERIES, DABDeformableTransformer
 from .base import (
-    ACTIVATIONS,
     MultiScaleDetector,
     build_set_criterion,
     check_multi_scale_config,
     denoising_from_config,
     init_heads,
+    transformer_from_config,
 )
 
 __all__ = ["DABDeformableDETR"]
@@ -115,13 +115,7 @@ class DABDeformableDETR(MultiScaleDetector):
                                    for _ in range(num_heads))
         transformer = DABDeformableTransformer(
             bbox_embed,
-            d_model=d.HIDDEN_DIM,
-            nhead=d.NHEADS,
-            num_encoder_layers=d.ENC_LAYERS,
-            num_decoder_layers=d.DEC_LAYERS,
-            dim_feedforward=d.DIM_FEEDFORWARD,
-            dropout=d.DROPOUT,
-            activation=ACTIVATIONS[d.ACTIVATION],
+            **transformer_from_config(cfg),
             num_feature_levels=d.DEFORMABLE.NUM_FEATURE_LEVELS,
             enc_n_points=d.DEFORMABLE.ENC_N_POINTS,
             dec_n_points=d.DEFORMABLE.DEC_N_POINTS,

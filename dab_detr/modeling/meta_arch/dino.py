@@ -30,11 +30,11 @@ from ..criterion import SetCriterion
 from ..deformable_transformer import DABDeformableTransformer
 from ..denoising import DenoisingQueries, make_contrastive_denoising_queries
 from .base import (
-    ACTIVATIONS,
     MultiScaleDetector,
     build_set_criterion,
     check_multi_scale_config,
     init_heads,
+    transformer_from_config,
 )
 
 __all__ = ["DINO"]
@@ -106,13 +106,7 @@ class DINO(MultiScaleDetector):
             bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(d.DEC_LAYERS))
         transformer = DABDeformableTransformer(
             bbox_embed,
-            d_model=d.HIDDEN_DIM,
-            nhead=d.NHEADS,
-            num_encoder_layers=d.ENC_LAYERS,
-            num_decoder_layers=d.DEC_LAYERS,
-            dim_feedforward=d.DIM_FEEDFORWARD,
-            dropout=d.DROPOUT,
-            activation=ACTIVATIONS[d.ACTIVATION],
+            **transformer_from_config(cfg),
             num_feature_levels=d.DEFORMABLE.NUM_FEATURE_LEVELS,
             enc_n_points=d.DEFORMABLE.ENC_N_POINTS,
             dec_n_points=d.DEFORMABLE.DEC_N_POINTS,
