@@ -154,7 +154,8 @@ def test_official_rejects_other_files(tmp_path):
     path = tmp_path / "resnet50.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
     with pytest.raises(ValueError, match=r"not a checkpoint of the official DAB-DETR, DN-DETR, "
-                                         r"DETR or Conditional DETR code.*'refpoint_embed.weight'"):
+                                         r"DETR, Conditional DETR or DINO code.*"
+                                         r"'refpoint_embed.weight'"):
         convert_main(["--source", "official", str(path), str(tmp_path / "out.pth")])
     assert not (tmp_path / "out.pth").exists()
 

@@ -145,5 +145,6 @@ def test_dab_detr_options_are_refused(config_file, key):
 
 
 def test_official_converter_names_the_models_it_knows():
-    with pytest.raises(InputValueError, match=r"DN-DETR, DETR or Conditional DETR.*keys: query_"):
+    with pytest.raises(InputValueError,
+                       match=r"DN-DETR, DETR, Conditional DETR or DINO.*keys: query_"):
         convert_official({"query_embed.weight": torch.zeros(2, 2)})
