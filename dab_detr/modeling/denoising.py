@@ -115,6 +115,43 @@ def denoising_attn_mask(
     return allowed[:, None]  # (B, 1, T, T)
 
 
+def _copies(targets: List[Dict[str, torch.Tensor]], copies: int, device: torch.device):
+    """``copies`` copies of the batch's objects, copy-major: ``(labels, boxes, batch_idx, slot,
+    copy)``, each ``(copies * N, ...)``; copy c of object m of image b sits at slot
+    ``c * S + m`` of image b."""
+    counts = [len(t["labels"]) for t in targets]
+    single = max(counts, default=0)
+    labels = torch.cat([t["labels"] for t in targets]).to(device)  # (N,)
+    boxes = torch.cat([t["boxes"] for t in targets]).to(device)  # (N, 4)
+    batch_of = torch.cat([torch.full((n,), b, device=device) for b, n in enumerate(counts)])
+    slot_of = torch.cat([torch.arange(n, device=device) for n in counts])
+    copy = torch.arange(copies, device=device).repeat_interleave(len(slot_of))
+    return (labels.repeat(copies), boxes.repeat(copies, 1), batch_of.repeat(copies),
+            slot_of.repeat(copies) + copy * single, copy)
+
+
+def _redraw_labels(labels: torch.Tensor, probability: float, num_classes: int,
+                   generator: Optional[torch.Generator]) -> torch.Tensor:
+    """``labels`` with each redrawn uniformly from the K classes with ``probability``."""
+    noised = labels.clone()
+    flip = torch.rand(labels.shape, generator=generator, device=labels.device) < probability
+    random_labels = torch.randint(0, num_classes, labels.shape, generator=generator,
+                                  device=labels.device)
+    noised[flip] = random_labels[flip]
+    return noised
+
+
+def _place(embed: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.Tensor, slot: torch.Tensor,
+           batch_size: int, pad: int):
+    """``(content (B, PAD, C), anchors (B, PAD, 4))``: each query's content and its box's
+    inverse sigmoid at its slot, zero at the padding slots."""
+    content = embed.new_zeros(batch_size, pad, embed.shape[1])
+    anchors = embed.new_zeros(batch_size, pad, 4)
+    content[batch_idx, slot] = embed
+    anchors[batch_idx, slot] = inverse_sigmoid(boxes).to(anchors.dtype)
+    return content, anchors
+
+
 def make_denoising_queries(
     targets: List[Dict[str, torch.Tensor]],
     label_embed: nn.Embedding,
@@ -142,21 +179,9 @@ def make_denoising_queries(
     device = label_embed.weight.device
     counts = [len(t["labels"]) for t in targets]
     single = max(counts, default=0)
-    labels = torch.cat([t["labels"] for t in targets]).to(device)  # (N,)
-    boxes = torch.cat([t["boxes"] for t in targets]).to(device)  # (N, 4)
-    batch_of = torch.cat([torch.full((n,), b, device=device) for b, n in enumerate(counts)])
-    slot_of = torch.cat([torch.arange(n, device=device) for n in counts])
     # G copies, group-major: query g * N + m is object m of the batch in group g
-    labels, boxes = labels.repeat(num_groups), boxes.repeat(num_groups, 1)
-    batch_idx = batch_of.repeat(num_groups)
-    group_of = torch.arange(num_groups, device=device).repeat_interleave(len(slot_of))
-    slot = slot_of.repeat(num_groups) + group_of * single
-
-    noised_labels = labels.clone()
-    flip = torch.rand(labels.shape, generator=generator, device=device) < label_noise
-    random_labels = torch.randint(0, num_classes, labels.shape, generator=generator,
-                                  device=device)
-    noised_labels[flip] = random_labels[flip]
+    labels, boxes, batch_idx, slot, _ = _copies(targets, num_groups, device)
+    noised_labels = _redraw_labels(labels, label_noise, num_classes, generator)
     # centre by up to box_noise * (w/2, h/2), size by up to box_noise * (w, h)
     scale = torch.cat([boxes[:, 2:] / 2, boxes[:, 2:]], 1)
     jitter = torch.rand(boxes.shape, generator=generator, device=device) * 2 - 1
@@ -166,10 +191,7 @@ def make_denoising_queries(
     embed = label_embed(noised_labels)  # (G * N, C - 1)
     # (G * N, C): the indicator 1 marks denoising queries
     embed = torch.cat([embed, embed.new_ones(len(embed), 1)], 1)
-    content = embed.new_zeros(b, pad, embed.shape[1])
-    anchors = embed.new_zeros(b, pad, 4)
-    content[batch_idx, slot] = embed
-    anchors[batch_idx, slot] = inverse_sigmoid(noised_boxes).to(anchors.dtype)
+    content, anchors = _place(embed, noised_boxes, batch_idx, slot, b, pad)
     return DenoisingQueries(
         content=content,
         anchors=anchors,
@@ -218,24 +240,11 @@ def make_contrastive_denoising_queries(
     counts = [len(t["labels"]) for t in targets]
     single = max(counts, default=0)
     num_groups = contrastive_groups(dn_number, counts)
-    labels = torch.cat([t["labels"] for t in targets]).to(device)  # (N,)
-    boxes = torch.cat([t["boxes"] for t in targets]).to(device)  # (N, 4)
-    n = len(labels)
-    batch_of = torch.cat([torch.full((c,), b, device=device) for b, c in enumerate(counts)])
-    slot_of = torch.cat([torch.arange(c, device=device) for c in counts])
     # 2G copies, group-major, each group's positives then its negatives: copy h = 2g + neg
     copies = 2 * num_groups
-    labels, boxes = labels.repeat(copies), boxes.repeat(copies, 1)
-    batch_idx = batch_of.repeat(copies)
-    half = torch.arange(copies, device=device).repeat_interleave(n)  # (2G * N,)
+    labels, boxes, batch_idx, slot, half = _copies(targets, copies, device)
     positive = half % 2 == 0
-    slot = slot_of.repeat(copies) + half * single
-
-    noised_labels = labels.clone()
-    flip = torch.rand(labels.shape, generator=generator, device=device) < label_noise
-    random_labels = torch.randint(0, num_classes, labels.shape, generator=generator,
-                                  device=device)
-    noised_labels[flip] = random_labels[flip]
+    noised_labels = _redraw_labels(labels, label_noise, num_classes, generator)
     # each corner by a fraction of half the box's width or height: [0, 1) for positives,
     # [1, 2) for negatives, with a random sign
     corners = box_convert(boxes, "cxcywh", "xyxy")
@@ -248,10 +257,7 @@ def make_contrastive_denoising_queries(
 
     b, pad = len(targets), copies * single
     embed = label_embed(noised_labels)  # (2G * N, C)
-    content = embed.new_zeros(b, pad, embed.shape[1])
-    anchors = embed.new_zeros(b, pad, 4)
-    content[batch_idx, slot] = embed
-    anchors[batch_idx, slot] = inverse_sigmoid(noised_boxes).to(anchors.dtype)
+    content, anchors = _place(embed, noised_boxes, batch_idx, slot, b, pad)
     return DenoisingQueries(
         content=content,
         anchors=anchors,
