@@ -44,8 +44,9 @@ class DABDeformableTransformer(nn.Module):
     ):
         """
         Args:
-            bbox_embed: one box head per decoder layer, owned by the detector and shared with
-                the decoder, which refines the anchors with them.
+            bbox_embed: one box head per decoder layer (an ``nn.ModuleList``), or one head that
+                every layer shares (DINO), owned by the detector and shared with the decoder,
+                which refines the anchors with them.
             d_model, nhead, dim_feedforward, dropout: width, heads, FFN width, dropout.
             num_encoder_layers, num_decoder_layers: depths.
             activation: FFN activation class.
@@ -134,9 +135,11 @@ class DABDeformableTransformer(nn.Module):
                 decoder takes before the selected proposals (two-stage denoising, DINO).
 
         Returns:
-            ``hs`` ``(N, B, NQ, C)``, ``boxes`` ``(N, B, NQ, 4)`` (every layer's refined
-            anchors), ``references`` ``(N, B, NQ, 4)`` (the anchors each layer used), and
-            two-stage ``enc_logits`` ``(B, S, K_cls)`` and ``enc_boxes`` ``(B, S, 4)``.
+            ``hs`` ``(N, B, T, C)``, ``boxes`` ``(N, B, T, 4)`` (every layer's refined
+            anchors), ``references`` ``(N, B, T, 4)`` (the anchors each layer used), T = PAD +
+            NQ with ``prefix`` (its queries first), else NQ; and two-stage ``enc_logits``
+            ``(B, S, K_cls)`` and ``enc_boxes`` ``(B, S, 4)`` (DINO's proposals: the NQ
+            selected ones, ``(B, NQ, K_cls)`` and ``(B, NQ, 4)``; see ``EncoderProposals``).
         """
         # L (H_l, W_l) as Python ints, not a tensor: the attentions need ints, which a tensor
         # would give through a device sync in each of them, and torch.export keeps these
