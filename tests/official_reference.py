@@ -13,7 +13,7 @@ import json
 import math
 import os
 import zlib
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -42,12 +42,15 @@ INITS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def official_state_dict(json_path: str) -> Dict[str, torch.Tensor]:
+def official_state_dict(
+    json_path: str, keep: Optional[Callable[[dict], torch.Tensor]] = None
+) -> Dict[str, torch.Tensor]:
     """The official state dict described by ``json_path``, in float64, in the listed order.
 
     Each tensor is ``INITS[init](z)`` with ``z = torch.randn(shape, dtype=float64)`` drawn from
     a generator seeded with ``seed + crc32(key)``: a tensor's value depends on its name only,
-    not on the order of the listing. An entry with ``same_as`` takes that earlier entry's value.
+    not on the order of the listing. An entry with ``same_as`` takes that earlier entry's value;
+    one with init ``keep`` (a constant of the sizes, e.g. DAT's window index) is ``keep(entry)``.
     """
     with open(json_path) as f:
         spec = json.load(f)
@@ -58,6 +61,9 @@ def official_state_dict(json_path: str) -> Dict[str, torch.Tensor]:
         if "same_as" in entry:
             # one module under several names (DINO's shared heads): the first name's value
             sd[key] = sd[entry["same_as"]]
+            continue
+        if init == "keep" and keep is not None:
+            sd[key] = keep(entry)
             continue
         if init not in INITS:
             raise ValueError(f"{json_path}: {key} has an unknown init {init!r}")
