@@ -7,12 +7,13 @@ Usage::
     python -m dab_detr.convert --source transformers dab-detr-resnet-50/ out.pth
     python -m dab_detr.convert --source transformers --config-file CONFIG detr-resnet-50/ out.pth
     python -m dab_detr.convert --source torchvision resnet50-0676ba61.pth R-50.pth
+    python -m dab_detr.convert --source dat dat_tiny_in1k_224.pth DAT-T.pth
     python -m dab_detr.convert --source detrex --config-file CONFIG dab_detr_r50_50ep.pth out.pth
     # with --config-file the result is checked against the model that config builds
     # (and anchors are laid out for RANDOM_REFPOINTS_XY models)
 
 Sources:
-  auto          the default: the layout the names show (``detect_layout``: one of the four
+  auto          the default: the layout the names show (``detect_layout``: one of those
                 below; a file of this project's names, or of none, is refused).
   official      ``{"model": state_dict, ...}`` checkpoints of IDEA-Research/DAB-DETR (DAB-DETR,
                 DAB-Deformable-DETR) and IDEA-Research/DN-DETR (their DN models), released
@@ -21,6 +22,8 @@ Sources:
                 ``ConditionalDetrForObjectDetection`` weights (DAB-DETR, DETR, Conditional
                 DETR): a directory, ``.safetensors`` or ``.bin``.
   torchvision   an ImageNet ResNet state dict, for ``MODEL.WEIGHTS`` when training on COCO.
+  dat           an official DAT ImageNet checkpoint (LeapLabTHU/DAT), for ``MODEL.WEIGHTS``
+                with ``MODEL.BACKBONE.NAME "build_dat_backbone"``.
   detrex        ``{"model": state_dict, ...}`` checkpoints of IDEA-Research/detrex: DAB-DETR
                 (R50, R50-DC5), DN-DETR and one-stage DAB-Deformable-DETR.
 
@@ -41,6 +44,7 @@ import torch
 
 from .checkpoint import (
     ARCH_KEY,
+    BACKBONE_SOURCES,
     CONVERTERS,
     architecture_record,
     convert,
@@ -79,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise InputValueError(f"{args.input}: {e}") from None
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     data = {"model": sd, "__author__": f"dab_detr.convert --source {source}"}
-    if cfg is not None and source != "torchvision":
+    if cfg is not None and source not in BACKBONE_SOURCES:
         # DabDetrCheckpointer refuses the file for a config of another architecture (DC5 ...)
         data[ARCH_KEY] = architecture_record(cfg)
     torch.save(data, args.output)

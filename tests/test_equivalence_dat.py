@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from official_reference import load_images, official_state_dict
 
 from dab_detr.checkpoint.dat import convert_dat, dat_classifier
 from dab_detr.layers.window_attention import WindowPositionBias, shifted_window_mask
 from dab_detr.modeling.dat import DAT, DAT_SIZES
+from official_reference import load_images, official_state_dict
 
 DAT_REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                                  "dat_outputs")

@@ -5,6 +5,7 @@ checkpoints (``python -m dab_detr.convert``)."""
 from .arch_record import ARCH_KEY, ARCH_KEYS, architecture_record
 from .checkpointer import CLASS_HEAD_PREFIX, TRAINING_MODEL_KEY, DabDetrCheckpointer
 from .conversion import (
+    BACKBONE_SOURCES,
     CONVERTERS,
     check_against_config,
     convert,
@@ -15,6 +16,7 @@ from .conversion import (
     detect_layout,
     state_dict_of,
 )
+from .dat import convert_dat
 from .detrex import convert_detrex
 from .renaming import coco_class_rows
 from .safe_load import UnsafeCheckpointError, load_restricted_pickle, load_state_dict_file
@@ -22,6 +24,7 @@ from .safe_load import UnsafeCheckpointError, load_restricted_pickle, load_state
 __all__ = [
     "ARCH_KEY",
     "ARCH_KEYS",
+    "BACKBONE_SOURCES",
     "CLASS_HEAD_PREFIX",
     "CONVERTERS",
     "DabDetrCheckpointer",
@@ -31,6 +34,7 @@ __all__ = [
     "check_against_config",
     "coco_class_rows",
     "convert",
+    "convert_dat",
     "convert_detrex",
     "convert_official",
     "convert_state_dict",

@@ -7,7 +7,7 @@
   through torch's weights-only loader, Detectron2's ``.pkl`` model-zoo files through an
   unpickler restricted to numpy arrays and plain containers (:mod:`.safe_load`);
 - takes released ``.pth`` weights as they are: the layout of their names (this project's,
-  official, transformers, detrex, torchvision: :func:`.conversion.detect_layout`) is converted
+  official, transformers, detrex, torchvision, DAT: :func:`.conversion.detect_layout`) is converted
   for the model by the converters of ``python -m dab_detr.convert``; an unknown one is an error;
 - drops the class head (and DN-DETR's label embedding), with a warning, when the checkpoint
   has another class count (fine-tuning a COCO model on a dataset of its own), and refuses any
@@ -34,7 +34,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from ..utils.file_io import atomic_write, remove_stale_temporaries
 from ..utils.user_errors import InputFileNotFoundError, InputValueError
 from .arch_record import ARCH_KEY, plain
-from .conversion import convert_state_dict, detect_layout, state_dict_of
+from .conversion import BACKBONE_SOURCES, convert_state_dict, detect_layout, state_dict_of
 from .renaming import ClassCountError, StateDict, fit_dino_heads, map_class_head
 from .safe_load import load_restricted_pickle, load_state_dict_file, resolve_weight_file
 
@@ -149,7 +149,8 @@ class DabDetrCheckpointer(DetectionCheckpointer):
             except InputValueError as e:
                 raise InputValueError(f"{self._loading}: {e}") from None
         done = {"dab_detr": "loaded as it is", "torchvision": "converted (an ImageNet ResNet: "
-                "the backbone's weights only)"}.get(layout, "converted")
+                "the backbone's weights only)", "dat": "converted (an ImageNet DAT: the "
+                "backbone's weights only)"}.get(layout, "converted")
         self.logger.info(f"{self._loading}: {layout} layout, {done}")
         return checkpoint
 
@@ -159,7 +160,7 @@ class DabDetrCheckpointer(DetectionCheckpointer):
         expected = self.model.state_dict()
         out = convert_state_dict(layout, weights, None, "refpoint_xy" in expected)
         heads = [v for k, v in expected.items() if re.fullmatch(r"class_embed\.(0\.)?weight", k)]
-        if heads and layout != "torchvision":
+        if heads and layout not in BACKBONE_SOURCES:
             # another class count (fine-tuning): _check_shapes drops the head, with a warning
             no_object = self._no_object_row()
             with contextlib.suppress(ClassCountError):

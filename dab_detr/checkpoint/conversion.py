@@ -12,6 +12,8 @@ Sources:
   torchvision   an ImageNet ResNet state dict, for ``MODEL.WEIGHTS`` when training on COCO.
   detrex        ``{"model": state_dict, ...}`` checkpoints of IDEA-Research/detrex: DAB-DETR
                 (R50, R50-DC5), DN-DETR and one-stage DAB-Deformable-DETR (``detrex.py``).
+  dat           the official DAT's ImageNet checkpoints (LeapLabTHU/DAT, ``{"model": ...}``),
+                for ``MODEL.WEIGHTS`` with the DAT backbone (``dat.py``).
 
 :func:`detect_layout` tells these layouts, and this project's own names, apart by the names
 of a state dict: ``--source auto`` and ``DabDetrCheckpointer`` (``MODEL.WEIGHTS``) use it.
@@ -27,6 +29,7 @@ from typing import Any, Callable, Collection, Dict, List, Optional, Union
 import torch
 
 from ..utils.user_errors import InputValueError
+from .dat import convert_dat
 from .detr_transformers import convert_transformers_detr
 from .detrex import convert_detrex
 from .renaming import (
@@ -215,13 +218,16 @@ CONVERTERS: Dict[str, Callable[..., StateDict]] = {
     "transformers": convert_transformers,
     "torchvision": convert_torchvision,
     "detrex": convert_detrex,
+    "dat": convert_dat,
 }
+# the sources whose files are ImageNet backbones: they give the backbone's tensors only
+BACKBONE_SOURCES = ("torchvision", "dat")
 
 
 # this project's names at the top of a state dict: its meta-architectures' modules and
 # buffers (after the ``module.`` prefix of a model saved inside DDP, if any)
 _OWN_NAMES = re.compile(
-    r"(?:module\.)?(?:(?:backbone\.(?:stem|res[2-5])|transformer|input_proj|class_embed"
+    r"(?:module\.)?(?:(?:backbone\.(?:stem|res[2-5]|body)|transformer|input_proj|class_embed"
     r"|bbox_embed|refpoint_embed|query_embed|tgt_embed|label_enc)\..+|refpoint_xy|pixel_mean"
     r"|pixel_std)"
 )
@@ -232,6 +238,7 @@ _LAYOUT_NAMES = {
     "transformers": r"model\.(?:query_refpoint_embeddings|query_position_embeddings)\.weight",
     "detrex": r"anchor_box_embed\.weight|transformer\.level_embeds",  # DAB/DN, deformable
     "torchvision": r"layer1\.0\.conv1\.weight",
+    "dat": r"patch_proj\.0\.weight",  # the official DAT (LeapLabTHU/DAT)
 }
 
 
@@ -259,7 +266,7 @@ def detect_layout(sd: StateDict, model_names: Collection[str] = ()) -> str:
     shown = ", ".join(unfit[:5]) + (f" and {len(unfit) - 5} more" if len(unfit) > 5 else "")
     raise InputValueError(
         "not DAB-DETR weights in a layout this project reads (its own names, official, "
-        "transformers, detrex or a torchvision ResNet): "
+        "transformers, detrex, a torchvision ResNet or an official DAT): "
         + (f"{shown} fit none of them" if sd else "it holds no tensors")
     )
 
@@ -284,8 +291,8 @@ def convert_state_dict(
     if layout == "dab_detr":
         raise InputValueError("already in this project's names: MODEL.WEIGHTS loads it as it "
                               "is, there is nothing to convert")
-    if layout == "torchvision":
-        return convert_torchvision(sd)
+    if layout in BACKBONE_SOURCES:
+        return CONVERTERS[layout](sd)
     out = CONVERTERS[layout](sd, num_classes)
     if fixed_anchor_centres:
         _split_fixed_anchor_centres(out)
@@ -304,7 +311,7 @@ def convert(source: str, path: Union[str, Dict[str, Any]], cfg=None) -> StateDic
         fixed_anchor_centres = cfg.MODEL.DAB_DETR.RANDOM_REFPOINTS_XY
     out = convert_state_dict(source, state_dict_of(loaded), num_classes, fixed_anchor_centres)
     if cfg is not None:
-        check_against_config(out, cfg, backbone_only=source == "torchvision")
+        check_against_config(out, cfg, backbone_only=source in BACKBONE_SOURCES)
     return out
 
 

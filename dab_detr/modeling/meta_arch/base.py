@@ -162,11 +162,22 @@ class SetPredictionDetector(nn.Module):
                   for x in batched_inputs]
         return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
+    def backbone_features(self, images: ImageList) -> Dict[str, torch.Tensor]:
+        """The backbone's maps of normalised images. A backbone that declares
+        ``takes_image_sizes`` (DAT: it runs each image alone, so that an image's features do
+        not depend on how much padding the batch added) gets ``images.image_sizes`` too."""
+        # oneDNN's convolutions are faster on channels-last maps; same results up to rounding
+        pixels = images.tensor.contiguous(memory_format=torch.channels_last)
+        if getattr(self.backbone, "takes_image_sizes", False):
+            return self.backbone(pixels, image_sizes=images.image_sizes)
+        return self.backbone(pixels)
+
     @staticmethod
     def padding_mask(images: ImageList) -> torch.Tensor:
         """``(B, H, W)`` bool, True where ``images.tensor`` is padding. ``image_sizes`` may
         also be a ``(B, 2)`` tensor of (h, w) (the ONNX export's input)."""
-        sizes = torch.as_tensor(images.image_sizes, device=images.tensor.device)  # (B, 2)
+        # (B, 2); to the device without waiting for it (a blocking copy would synchronise)
+        sizes = torch.as_tensor(images.image_sizes).to(images.tensor.device, non_blocking=True)
         h, w = images.tensor.shape[-2:]
         rows = torch.arange(h, device=sizes.device)[None, :, None] >= sizes[:, 0, None, None]
         cols = torch.arange(w, device=sizes.device)[None, None, :] >= sizes[:, 1, None, None]
@@ -220,7 +231,8 @@ class SetPredictionDetector(nn.Module):
         targets = []
         for inp, (h, w) in zip(batched_inputs, images.image_sizes):
             inst = inp["instances"].to(self.device)
-            scale = torch.as_tensor([w, h, w, h], dtype=torch.float, device=self.device)
+            scale = torch.tensor([w, h, w, h], dtype=torch.float).to(self.device,
+                                                                     non_blocking=True)
             boxes = box_convert(inst.gt_boxes.tensor / scale, "xyxy", "cxcywh")
             targets.append({"labels": inst.gt_classes, "boxes": boxes})
         return targets
@@ -302,10 +314,8 @@ class SingleScaleDetector(SetPredictionDetector):
             src ``(B, C, H, W)`` the projected features, mask ``(B, H, W)`` bool (True at
             padding) and pos ``(B, C, H, W)`` the position encoding, in the features' dtype.
         """
-        # oneDNN's convolutions are faster on channels-last maps (and the flattened tokens
-        # then need no transposing copy); the results are the same up to rounding
-        pixels = images.tensor.contiguous(memory_format=torch.channels_last)
-        features = self.backbone(pixels)[self.in_feature]
+        # (channels-last maps: the flattened tokens then need no transposing copy)
+        features = self.backbone_features(images)[self.in_feature]
         # The padding mask follows the features down: nearest-neighbour, as in DETR.
         mask = resize_padding_mask(self.padding_mask(images), features.shape[-2:])
         pos = self.position_embedding(mask).to(features.dtype)
@@ -361,9 +371,7 @@ class MultiScaleDetector(SetPredictionDetector):
         masks ``(B, H_l, W_l)`` (the image's, resized nearest-neighbour as in DETR, the extra
         levels' too) and position encodings ``(B, C, H_l, W_l)`` (float32 computed, then in
         the maps' dtype)."""
-        # oneDNN's convolutions are faster on channels-last maps; same results up to rounding
-        pixels = images.tensor.contiguous(memory_format=torch.channels_last)
-        features = self.backbone(pixels)
+        features = self.backbone_features(images)
         image_mask = self.padding_mask(images)  # (B, H, W)
         srcs, masks, pos = [], [], []
         for level, proj in enumerate(self.input_proj):
