@@ -149,6 +149,34 @@ def add_dab_detr_config(cfg: CN) -> None:
     # as detrex's DINO, whose checkpoints hold six different ones.
     d.DINO.SHARED_HEADS = True
 
+    # DAT, the Deformable Attention Transformer (Xia et al., CVPR 2022) as the backbone:
+    # MODEL.BACKBONE.NAME "build_dat_backbone". Defaults: DAT-T as released (LeapLabTHU/DAT,
+    # tag CVPR2022, configs/dat_tiny.yaml); DAT-S has DEPTHS [2, 2, 18, 2]; DAT-B DIMS
+    # [128, 256, 512, 1024], HEADS [4, 8, 16, 32], GROUPS [1, 1, 4, 8], DEPTHS [2, 2, 18, 2].
+    # MODEL.BACKBONE.FREEZE_AT freezes as in a ResNet: 1 the patch embedding, 2 also stage 1
+    # ("res2"), and so on.
+    _C.MODEL.DAT = CN()
+    # Widths, blocks, heads and offset groups of the four stages (groups: deformable blocks).
+    _C.MODEL.DAT.DIMS = [96, 192, 384, 768]
+    _C.MODEL.DAT.DEPTHS = [2, 2, 6, 2]
+    _C.MODEL.DAT.HEADS = [3, 6, 12, 24]
+    _C.MODEL.DAT.GROUPS = [1, 1, 3, 6]
+    # Each stage's blocks, the pattern repeated to its depth: L local window attention,
+    # S shifted windows, D deformable attention.
+    _C.MODEL.DAT.STAGE_SPEC = ["LS", "LS", "LD", "LD"]
+    _C.MODEL.DAT.WINDOW_SIZE = 7
+    # The offset networks' depthwise kernel per stage, and the offsets' range in map cells.
+    _C.MODEL.DAT.KERNEL_SIZES = [9, 7, 5, 3]
+    _C.MODEL.DAT.OFFSET_RANGE_FACTOR = 2.0
+    # The square image size the deformable blocks' position tables were learned at (224 for
+    # the ImageNet releases); other maps read them resized, as the official load_pretrained.
+    _C.MODEL.DAT.PRETRAIN_IMG_SIZE = 224
+    # Stochastic depth, rising linearly over the blocks to this rate.
+    _C.MODEL.DAT.DROP_PATH_RATE = 0.2
+    # The stages output ("res2" to "res5", strides 4-32), each through a LayerNorm of its own;
+    # empty: the maps the detector reads, MODEL.RESNETS.OUT_FEATURES.
+    _C.MODEL.DAT.OUT_FEATURES = []
+
     # Learning-rate factor of the backbone relative to SOLVER.BASE_LR.
     _C.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # Learning-rate factor of the deformable attentions' sampling offsets (and learned
@@ -168,6 +196,10 @@ def add_dab_detr_config(cfg: CN) -> None:
     # Periodic checkpoints (every SOLVER.CHECKPOINT_PERIOD) to keep: the newest ones stay,
     # older ones of the same OUTPUT_DIR are deleted; model_final.pth always stays. 0: keep all.
     _C.SOLVER.CHECKPOINTS_TO_KEEP = 3
+    # The autocast dtype of SOLVER.AMP.ENABLED (CUDA): "float16" (Detectron2's AMPTrainer, with
+    # its loss scaling; every CUDA GPU) or "bfloat16" (no loss scaling; Ampere and later). The
+    # set losses, the matcher and the box updates stay float32 (dab_detr/engine/amp.py).
+    _C.SOLVER.AMP.PRECISION = "float16"
 
     # An exponential moving average of the weights (dab_detr/engine/ema.py; the keys are
     # d2go's): after every iteration w_ema <- DECAY * w_ema + (1 - DECAY) * w over parameters
