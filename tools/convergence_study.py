@@ -10,7 +10,8 @@ Variants: ``full`` (configs/quick_schedules/dab_detr_R_18_shapes.yaml) and every
 configs/quick_schedules/ablations/, named by file; on request (``--variants``) also
 ``dab_deformable_detr``, ``dn_dab_detr`` (the same model trained with denoising queries),
 the baselines ``detr`` and ``conditional_detr``, and ``dn_dab_deformable_detr`` and ``dino`` (each
-configs/quick_schedules/<name>_R_18_shapes.yaml) with the same budget. Each
+configs/quick_schedules/<name>_R_18_shapes.yaml), and ``dab_deformable_detr_dat``
+(dab_deformable_detr_DAT_shapes.yaml: a DAT backbone) with the same budget. Each
 runs ``train_net.py`` in a subprocess with ``SOLVER.MAX_ITER``, ``SOLVER.STEPS`` scaled from
 the config's schedule, ``TEST.EVAL_PERIOD``, ``SEED`` and ``OUTPUT_DIR <output-dir>/<variant>``;
 its console output goes to ``train_stdout.txt`` there. ``--jobs N`` trains N variants at a
@@ -62,6 +63,9 @@ OTHER_MODELS = {
     "dn_dab_deformable_detr": os.path.join(REPO, "configs", "quick_schedules",
                                            "dn_dab_deformable_detr_R_18_shapes.yaml"),
     "dino": os.path.join(REPO, "configs", "quick_schedules", "dino_R_18_shapes.yaml"),
+    # dab_deformable_detr with a CPU-sized DAT backbone instead of the ResNet-18
+    "dab_deformable_detr_dat": os.path.join(REPO, "configs", "quick_schedules",
+                                            "dab_deformable_detr_DAT_shapes.yaml"),
 }
 
 
