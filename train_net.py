@@ -40,6 +40,7 @@ from dab_detr.data import (
     register_coco_datasets,
 )
 from dab_detr.engine import Trainer, apply_epoch_schedule, launch
+from dab_detr.engine.amp import autocast_dtype
 from dab_detr.utils.user_errors import (
     InputFileNotFoundError,
     InputValueError,
@@ -64,11 +65,16 @@ def load_config(args):
     resumable = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if weights and "://" not in weights and not os.path.exists(weights) and not resumable:
         raise InputFileNotFoundError(f"MODEL.WEIGHTS: weights file {weights} does not exist")
-    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
-        raise InputValueError(
-            f"SOLVER.AMP.ENABLED needs a CUDA device (Detectron2's AMPTrainer), but "
-            f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}"
-        )
+    if cfg.SOLVER.AMP.ENABLED:
+        if not cfg.MODEL.DEVICE.startswith("cuda"):
+            raise InputValueError(
+                f"SOLVER.AMP.ENABLED needs a CUDA device (Detectron2's AMPTrainer), but "
+                f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}"
+            )
+        try:
+            autocast_dtype(cfg)  # SOLVER.AMP.PRECISION, and bfloat16 on this GPU
+        except ValueError as e:
+            raise InputValueError(str(e)) from e
     return cfg
 
 

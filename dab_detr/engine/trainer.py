@@ -13,7 +13,9 @@
   save as the model (:mod:`dab_detr.engine.ema`);
 - multi-worker runs on CPU (gloo, :mod:`dab_detr.engine.launch`), a check that every worker
   holds the same model, and periodic checkpoints that keep the newest
-  ``SOLVER.CHECKPOINTS_TO_KEEP``.
+  ``SOLVER.CHECKPOINTS_TO_KEEP``;
+- with ``SOLVER.AMP.ENABLED``, autocast in ``SOLVER.AMP.PRECISION`` (float16 with loss scaling,
+  or bfloat16; :mod:`dab_detr.engine.amp`).
 """
 
 import os
@@ -32,6 +34,7 @@ from ..data import (
     check_num_classes,
     ensure_builtin_dataset,
 )
+from .amp import autocast_trainer
 from .ema import EMAHook, build_model_ema, unwrap
 from .hooks import ReplicaCheckHook, RetainingPeriodicCheckpointer, TrainDataHook
 from .launch import ddp_without_device_ids
@@ -49,7 +52,8 @@ class Trainer(DefaultTrainer):
     checkpointer that loads safely and saves atomically, and a resumable data loader."""
 
     def __init__(self, cfg):
-        with ddp_without_device_ids():  # DefaultTrainer wraps the model in DDP
+        # DefaultTrainer wraps the model in DDP and builds its AMPTrainer for AMP configs
+        with ddp_without_device_ids(), autocast_trainer(cfg):
             super().__init__(cfg)
 
     def build_hooks(self):

@@ -38,8 +38,12 @@ def refine_boxes(
             reference, the others (w, h for anchor points) are predicted from zero.
 
     Returns:
-        ``(..., 4)`` refined boxes, cxcywh in [0, 1].
+        ``(..., 4)`` refined boxes, cxcywh in [0, 1]; float32 (float64 for float64 inputs)
+        under autocast too, where the head's ``delta`` is half precision: a bfloat16 box is
+        1/256 of the image off near 1.0.
     """
     d = reference.shape[-1]
+    dtype = torch.promote_types(torch.promote_types(reference.dtype, delta.dtype), torch.float32)
+    reference, delta = reference.to(dtype), delta.to(dtype)
     moved = delta[..., :d] + inverse_sigmoid(reference, eps)
     return torch.cat([moved, delta[..., d:]], -1).sigmoid()

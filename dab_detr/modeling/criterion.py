@@ -60,17 +60,21 @@ class SetCriterion(nn.Module):
             class_weight[-1] = no_object_weight
             self.register_buffer("class_weight", class_weight, persistent=False)
 
-    def loss_labels(self, outputs, targets, indices: Indices, num_boxes: float):
+    def loss_labels(self, outputs, targets, indices: Indices, num_boxes: torch.Tensor,
+                    pair_mask: Optional[torch.Tensor] = None):
         """Sigmoid focal loss against one-hot targets (all zeros for unmatched queries),
         summed over queries and classes and divided by the number of target boxes; with
-        ``no_object_weight``, DETR's weighted softmax cross-entropy."""
+        ``no_object_weight``, DETR's weighted softmax cross-entropy. ``pair_mask``: ``(M,)``
+        bool over the M pairs of ``indices``; a pair that is False counts as unmatched (a mask
+        rather than a selection: selecting has a data-dependent size, a host-device sync)."""
         logits = outputs["pred_logits"]  # (B, NQ, K), or K + 1 with no_object_weight
         if self.no_object_weight is not None:
             return {"loss_ce": self._softmax_loss(logits, targets, indices)}
         target = torch.zeros_like(logits)
         batch_idx, query_idx = _flat_indices(indices)
         labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-        target[batch_idx, query_idx, labels] = 1.0
+        target[batch_idx, query_idx, labels] = 1.0 if pair_mask is None else pair_mask.to(
+            target.dtype)
         loss = sigmoid_focal_loss(
             logits, target, self.focal_alpha, self.focal_gamma, reduction="sum"
         )
@@ -87,20 +91,26 @@ class SetCriterion(nn.Module):
         weight = self.class_weight.to(logits.dtype)
         return F.cross_entropy(logits.transpose(1, 2), target, weight)
 
-    def loss_boxes(self, outputs, targets, indices: Indices, num_boxes: float):
-        """L1 and GIoU losses of the matched boxes, summed and divided by the box count."""
+    def loss_boxes(self, outputs, targets, indices: Indices, num_boxes: torch.Tensor,
+                   pair_mask: Optional[torch.Tensor] = None):
+        """L1 and GIoU losses of the matched boxes (those of ``pair_mask``, see
+        ``loss_labels``), summed and divided by the box count."""
         batch_idx, query_idx = _flat_indices(indices)
-        src = outputs["pred_boxes"][batch_idx, query_idx]  # (sum_i N_i, 4)
+        src = outputs["pred_boxes"][batch_idx, query_idx]  # (M, 4)
         tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
+        reduction = "sum" if pair_mask is None else "none"
         loss_giou = generalized_box_iou_loss(
-            box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"), "sum"
+            box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"), reduction
         )
-        return {
-            "loss_bbox": F.l1_loss(src, tgt, reduction="sum") / num_boxes,
-            "loss_giou": loss_giou / num_boxes,
-        }
+        loss_bbox = F.l1_loss(src, tgt, reduction=reduction)
+        if pair_mask is not None:
+            # where, not a product: a masked pair's loss cannot reach the sum, even if not finite
+            loss_giou = torch.where(pair_mask, loss_giou, 0).sum()
+            loss_bbox = torch.where(pair_mask[:, None], loss_bbox, 0).sum()
+        return {"loss_bbox": loss_bbox / num_boxes, "loss_giou": loss_giou / num_boxes}
 
-    def _layer_losses(self, outputs, targets, num_boxes: float) -> Dict[str, torch.Tensor]:
+    def _layer_losses(self, outputs, targets, num_boxes: torch.Tensor
+                      ) -> Dict[str, torch.Tensor]:
         indices = self.matcher(outputs, targets)
         losses = self.loss_labels(outputs, targets, indices, num_boxes)
         losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
@@ -139,7 +149,7 @@ class SetCriterion(nn.Module):
             losses.update({f"{k}_interm": v for k, v in interm_losses.items()})
         return losses
 
-    def denoising_losses(self, dn: Dict, num_boxes: float) -> Dict[str, torch.Tensor]:
+    def denoising_losses(self, dn: Dict, num_boxes: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Focal, L1 and GIoU losses of every decoder layer between each denoising query and
         the object it was made from (no matching; padding slots take no part).
 
@@ -160,33 +170,32 @@ class SetCriterion(nn.Module):
         boxes = dn["pred_boxes"][:, dn["batch_idx"], dn["slot"]]
         target = [{"labels": dn["labels"], "boxes": dn["boxes"]}]
         identity = torch.arange(len(dn["labels"]), device=logits.device)
-        if dn.get("positive") is not None:
-            # contrastive (DINO): only the positives reconstruct their object; the negatives
-            # are unmatched, "no object" in the class loss
-            identity = identity[dn["positive"]]
         indices = [(identity, identity)]  # query i reconstructs object i
+        # contrastive (DINO): only the positives reconstruct their object; the negatives are
+        # unmatched, "no object" in the class loss. None: every query is positive.
+        positive = dn.get("positive")
         norm = num_boxes * dn["num_groups"]
         layers = len(logits)
         losses = {}
         for layer in range(layers):
             out = {"pred_logits": logits[layer][None], "pred_boxes": boxes[layer][None]}
-            terms = self.loss_labels(out, target, indices, norm)
-            terms.update(self.loss_boxes(out, target, indices, norm))
+            terms = self.loss_labels(out, target, indices, norm, positive)
+            terms.update(self.loss_boxes(out, target, indices, norm, positive))
             suffix = "_dn" if layer == layers - 1 else f"_dn_{layer}"
             losses.update({k + suffix: v for k, v in terms.items()})
         return losses
 
     @staticmethod
-    def num_boxes(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> float:
-        """Target boxes per worker, averaged over all workers (at least 1), so that every
-        worker divides by the same number and gradients match single-process training."""
-        n = torch.as_tensor(
-            [float(sum(len(t["labels"]) for t in targets))], dtype=torch.float, device=device
-        )
+    def num_boxes(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+        """``()`` float32 on ``device``: target boxes per worker, averaged over all workers (at
+        least 1), so that every worker divides by the same number and gradients match
+        single-process training. A tensor, never read on the host: no synchronisation."""
+        # filled on the device from a host number (not copied from host memory)
+        n = torch.full((), float(sum(len(t["labels"]) for t in targets)), device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(n)
             n = n / dist.get_world_size()
-        return n.clamp(min=1).item()
+        return n.clamp(min=1)
 
 
 def _flat_indices(indices: Indices) -> Tuple[torch.Tensor, torch.Tensor]:

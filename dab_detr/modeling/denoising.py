@@ -107,9 +107,9 @@ def denoising_attn_mask(
     allowed = allowed & ~(~is_dn[:, None] & is_dn[None, :])
     # (B, T): padding slots j >= N_b of every group (of each half of a contrastive group)
     slot_in_group = index % max(single, 1)
-    padding = is_dn[None, :] & (
-        slot_in_group[None, :] >= torch.as_tensor(counts, device=device)[:, None]
-    )
+    # the counts go to the device without waiting for it (a blocking copy would synchronise)
+    counts_t = torch.as_tensor(counts, dtype=torch.int64).to(device, non_blocking=True)
+    padding = is_dn[None, :] & (slot_in_group[None, :] >= counts_t[:, None])
     eye = torch.eye(total, dtype=torch.bool, device=device)
     allowed = allowed[None] & (~padding[:, None, :] | eye[None])
     return allowed[:, None]  # (B, 1, T, T)
@@ -133,12 +133,11 @@ def _copies(targets: List[Dict[str, torch.Tensor]], copies: int, device: torch.d
 def _redraw_labels(labels: torch.Tensor, probability: float, num_classes: int,
                    generator: Optional[torch.Generator]) -> torch.Tensor:
     """``labels`` with each redrawn uniformly from the K classes with ``probability``."""
-    noised = labels.clone()
     flip = torch.rand(labels.shape, generator=generator, device=labels.device) < probability
     random_labels = torch.randint(0, num_classes, labels.shape, generator=generator,
                                   device=labels.device)
-    noised[flip] = random_labels[flip]
-    return noised
+    # where, not noised[flip] = ...: a boolean index has a data-dependent size (a host sync)
+    return torch.where(flip, random_labels, labels)
 
 
 def _place(embed: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.Tensor, slot: torch.Tensor,

@@ -7,6 +7,7 @@ Boxes are cxcywh normalised to [0, 1].
 
 from typing import Dict, List, Tuple
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
@@ -88,10 +89,11 @@ class HungarianMatcher(nn.Module):
             targets: per image, ``labels`` ``(N_i,)`` int64 and ``boxes`` ``(N_i, 4)``.
 
         Returns:
-            Per image, ``(query_idx, target_idx)``: int64 tensors of length min(NQ, N_i);
-            ``target_idx[j]`` is matched to ``query_idx[j]``.
+            Per image, ``(query_idx, target_idx)``: int64 tensors of length min(NQ, N_i) on the
+            predictions' device; ``target_idx[j]`` is matched to ``query_idx[j]``.
         """
         b, nq = outputs["pred_logits"].shape[:2]
+        device = outputs["pred_logits"].device
         labels = torch.cat([t["labels"] for t in targets])
         boxes = torch.cat([t["boxes"] for t in targets])
         # One cost matrix for the whole batch, (B * NQ, N), split per image below.
@@ -101,11 +103,13 @@ class HungarianMatcher(nn.Module):
             labels,
             boxes.float(),
         )
+        # the assignment is solved on the host: one host-device synchronisation per matched
+        # layer, the only ones of a training step's forward
         cost = cost.view(b, nq, -1).cpu()
         sizes = [len(t["boxes"]) for t in targets]
-        indices = []
-        for i, c in enumerate(cost.split(sizes, -1)):
-            rows, cols = linear_sum_assignment(c[i].numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64),
-                            torch.as_tensor(cols, dtype=torch.int64)))
-        return indices
+        pairs = [linear_sum_assignment(c[i].numpy()) for i, c in enumerate(cost.split(sizes, -1))]
+        # (2, sum of min(NQ, N_i)): every image's (rows; cols), sent to the device in one copy
+        # that does not wait for it (the losses index the predictions with them)
+        flat = torch.as_tensor(np.concatenate([np.stack(p) for p in pairs], axis=1),
+                               dtype=torch.int64).to(device, non_blocking=True)
+        return [(chunk[0], chunk[1]) for chunk in flat.split([len(r) for r, _ in pairs], dim=1)]
