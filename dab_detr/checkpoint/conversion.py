@@ -231,6 +231,8 @@ _OWN_NAMES = re.compile(
     r"|bbox_embed|refpoint_embed|query_embed|tgt_embed|label_enc)\..+|refpoint_xy|pixel_mean"
     r"|pixel_std)"
 )
+# backbone tensors that an ImageNet file cannot have: DAT's LayerNorms of the detection outputs
+_DETECTION_ONLY = re.compile(r"backbone\.body\.out_norms\.")
 # layout -> a name (re.fullmatch) that only its files have
 _LAYOUT_NAMES = {
     "official": r"backbone\.0\.body\..+",  # DETR's Joiner around a torchvision ResNet
@@ -334,7 +336,8 @@ def check_against_config(sd: StateDict, cfg, backbone_only: bool = False) -> Non
         if k in sd and sd[k].shape != v.shape
     ]
     required = [k for k in expected if not k.endswith("num_batches_tracked")
-                and (not backbone_only or k.startswith("backbone."))]
+                and (not backbone_only or (k.startswith("backbone.")
+                                           and not _DETECTION_ONLY.match(k)))]
     problems += [f"missing: {k} {tuple(expected[k].shape)}" for k in required if k not in sd]
     if problems:
         raise InputValueError(
