@@ -8,7 +8,7 @@ import math
 import torch
 from torchvision.ops import generalized_box_iou, generalized_box_iou_loss
 
-from dab_detr.layers.box_ops import inverse_sigmoid
+from dab_detr.layers.box_ops import inverse_sigmoid, paired_giou_loss
 from dab_detr.modeling.matcher import HungarianMatcher
 
 
@@ -54,7 +54,8 @@ def test_generalized_box_iou_hand_values():
 
 
 def test_generalized_box_iou_loss_hand_values():
-    """The criterion's GIoU loss: 1 - GIoU of paired boxes."""
+    """The criterion's GIoU loss: 1 - GIoU of paired boxes (torchvision's, and ours without
+    its boolean-mask indexing)."""
     pairs1 = torch.stack([A[0], A[0], A[0], A[1]])
     pairs2 = torch.stack([B[0], B[1], B[2], B[1]])
     expected = 1 - torch.tensor([1 / 7 - 2 / 9, 1 / 4, -3 / 8, 1 / 16])
@@ -62,6 +63,25 @@ def test_generalized_box_iou_loss_hand_values():
     torch.testing.assert_close(
         generalized_box_iou_loss(pairs1, pairs2, reduction="sum"), expected.sum()
     )
+    torch.testing.assert_close(paired_giou_loss(pairs1, pairs2), expected)
+
+
+def test_paired_giou_loss_equals_torchvisions_with_its_gradients():
+    """Overlapping, disjoint and identical pairs: the values and gradients of torchvision's
+    ``generalized_box_iou_loss``."""
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(200, 2, 2, generator=g) * 0.7
+    boxes = torch.cat([xy, xy + 0.05 + torch.rand(200, 2, 2, generator=g) * 0.3], -1)
+    b1, b2 = boxes[:, 0].double(), boxes[:, 1].double()
+    b2[:10] = b1[:10]  # identical
+    b1.requires_grad_(True)
+    ours = paired_giou_loss(b1, b2)
+    theirs = generalized_box_iou_loss(b1, b2)
+    assert (ours > 1).any() and (ours < 1).any()  # disjoint pairs and overlapping ones
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    (grad_ours,) = torch.autograd.grad(ours.sum(), b1)
+    (grad_theirs,) = torch.autograd.grad(theirs.sum(), b1)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=0, atol=1e-12)
 
 
 def _cxcywh_giou(b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:

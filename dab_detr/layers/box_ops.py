@@ -1,13 +1,16 @@
 """Box utilities not provided by torchvision.
 
-Conversions and GIoU come from ``torchvision.ops`` (``box_convert``, ``generalized_box_iou``,
-``generalized_box_iou_loss``); this module adds the inverse sigmoid and the anchor update
-built on it, the one place that formula is written.
+Conversions and the pairwise GIoU come from ``torchvision.ops`` (``box_convert``,
+``generalized_box_iou``); this module adds the inverse sigmoid and the anchor update built on
+it, the one place that formula is written, and the GIoU loss of matched pairs without
+torchvision's boolean-mask indexing (which waits for the GPU).
+
+Shapes: M matched pairs. Boxes are xyxy unless said otherwise.
 """
 
 import torch
 
-__all__ = ["inverse_sigmoid", "refine_boxes"]
+__all__ = ["inverse_sigmoid", "paired_giou_loss", "refine_boxes"]
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -47,3 +50,29 @@ def refine_boxes(
     reference, delta = reference.to(dtype), delta.to(dtype)
     moved = delta[..., :d] + inverse_sigmoid(reference, eps)
     return torch.cat([moved, delta[..., d:]], -1).sigmoid()
+
+
+def paired_giou_loss(boxes1: torch.Tensor, boxes2: torch.Tensor,
+                     eps: float = 1e-7) -> torch.Tensor:
+    """``1 - GIoU`` of each pair: torchvision's ``generalized_box_iou_loss(reduction="none")``,
+    its intersection clamped at 0 where torchvision selects the overlapping pairs with a
+    boolean mask (a data-dependent size: the host waits for the GPU).
+
+    Args:
+        boxes1, boxes2: ``(M, 4)`` xyxy boxes, pair i being ``(boxes1[i], boxes2[i])``.
+        eps: added to the union and to the enclosing area, as torchvision does.
+
+    Returns:
+        ``(M,)`` losses in [0, 2].
+    """
+    x1, y1, x2, y2 = boxes1.unbind(-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(-1)
+    inter_w = (torch.min(x2, x2g) - torch.max(x1, x1g)).clamp(min=0)
+    inter_h = (torch.min(y2, y2g) - torch.max(y1, y1g)).clamp(min=0)
+    inter = inter_w * inter_h
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
+    iou = inter / (union + eps)
+    # the smallest box enclosing both
+    enclosing_w = torch.max(x2, x2g) - torch.min(x1, x1g)
+    enclosing = enclosing_w * (torch.max(y2, y2g) - torch.min(y1, y1g))
+    return 1 - (iou - (enclosing - union) / (enclosing + eps))

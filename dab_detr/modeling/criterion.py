@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_convert, sigmoid_focal_loss
 
+from ..layers.box_ops import paired_giou_loss
 from .matcher import HungarianMatcher
 
 __all__ = ["SetCriterion"]
@@ -98,16 +99,14 @@ class SetCriterion(nn.Module):
         batch_idx, query_idx = _flat_indices(indices)
         src = outputs["pred_boxes"][batch_idx, query_idx]  # (M, 4)
         tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
-        reduction = "sum" if pair_mask is None else "none"
-        loss_giou = generalized_box_iou_loss(
-            box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"), reduction
-        )
-        loss_bbox = F.l1_loss(src, tgt, reduction=reduction)
+        loss_giou = paired_giou_loss(box_convert(src, "cxcywh", "xyxy"),
+                                     box_convert(tgt, "cxcywh", "xyxy"))  # (M,)
+        loss_bbox = F.l1_loss(src, tgt, reduction="none")  # (M, 4)
         if pair_mask is not None:
             # where, not a product: a masked pair's loss cannot reach the sum, even if not finite
-            loss_giou = torch.where(pair_mask, loss_giou, 0).sum()
-            loss_bbox = torch.where(pair_mask[:, None], loss_bbox, 0).sum()
-        return {"loss_bbox": loss_bbox / num_boxes, "loss_giou": loss_giou / num_boxes}
+            loss_giou = torch.where(pair_mask, loss_giou, 0)
+            loss_bbox = torch.where(pair_mask[:, None], loss_bbox, 0)
+        return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": loss_giou.sum() / num_boxes}
 
     def _layer_losses(self, outputs, targets, num_boxes: torch.Tensor
                       ) -> Dict[str, torch.Tensor]:
