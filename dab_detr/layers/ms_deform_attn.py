@@ -1,11 +1,20 @@
-"""Multi-scale deformable attention (Deformable DETR, Zhu et al., ICLR 2021), in pure PyTorch.
+"""Multi-scale deformable attention (Deformable DETR, Zhu et al., ICLR 2021).
 
 Each query attends, in each head and at each feature level, to a few points sampled
 bilinearly around a reference point, at offsets predicted from the query, and averages them
 with weights also predicted from the query (softmax over levels and points together).
-``multi_scale_deformable_attention`` is the sampling and weighting step: the one function that
-a fused GPU kernel could replace. ``MSDeformAttn`` adds the projections; its submodules are
-named as in the official implementation so that official checkpoints load by name.
+``multi_scale_deformable_attention`` is the sampling and weighting step, one boundary with
+three implementations (``IMPLEMENTATIONS``; the config key MODEL.DAB_DETR.DEFORMABLE_ATTENTION):
+``"pytorch"``, one ``grid_sample`` per level, the reference; ``"light"``
+(``ms_deform_attn_light.py``), plain PyTorch that keeps no samples for the backward pass and
+is the faster CPU path; ``"triton"`` (``ms_deform_attn_triton.py``), fused GPU kernels; and
+``"auto"``: Triton on CUDA when it imports, else the light function. ``MSDeformAttn`` adds the
+projections; its submodules are named as in the official implementation so that official
+checkpoints load by name.
+
+Under ``torch.autocast`` the sampling locations and the attention weights are computed in
+float32 (a half-precision location is off by a pixel on a 256-pixel map); the value, a
+projection, may be half precision.
 
 Shapes: B batch, Q queries, C channels (d_model), h heads, d = C / h channels per head,
 L levels, P sampling points per head and level, H_l x W_l the size of level l,
@@ -14,19 +23,35 @@ Locations are normalised (x, y): (0, 0) the top-left corner of a map, (1, 1) its
 bottom-right corner (padding area included).
 """
 
+import functools
 import math
+import os
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MSDeformAttn", "SpatialShapes", "level_shapes", "multi_scale_deformable_attention"]
+from .ms_deform_attn_light import light_deformable_attention
+from .ms_deform_attn_pytorch import grid_sample_deformable_attention
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "MSDeformAttn",
+    "SpatialShapes",
+    "level_shapes",
+    "multi_scale_deformable_attention",
+    "resolve_implementation",
+]
 
 # ``(H_l, W_l)`` of each level: an ``(L, 2)`` long tensor (the official signature), or L pairs
 # of Python ints. The pairs, taken from the maps' shapes, need no device-to-host copy and stay
 # symbolic under torch.export (a tensor's ``tolist()`` would make the export's sizes constant).
 SpatialShapes = Union[torch.Tensor, Sequence[Tuple[int, int]]]
+
+# the values of MODEL.DAB_DETR.DEFORMABLE_ATTENTION (see the module's docstring)
+IMPLEMENTATIONS = ("auto", "pytorch", "light", "triton")
+_KEY = "MODEL.DAB_DETR.DEFORMABLE_ATTENTION"
 
 
 def level_shapes(spatial_shapes: SpatialShapes) -> List[Tuple[int, int]]:
@@ -45,60 +70,97 @@ def _shapes_tensor(spatial_shapes: SpatialShapes, like: torch.Tensor) -> torch.T
     return torch.tensor(list(spatial_shapes), dtype=like.dtype, device=like.device)
 
 
+def _exporting() -> bool:
+    """Whether the graph is being captured for export (ONNX, TorchScript): the reference's
+    operators export, the other implementations' do not."""
+    # torch.compiler.is_exporting: torch >= 2.3 (torch.export, the ONNX exporter's capture)
+    is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", lambda: False)
+    return (is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+            or torch.jit.is_scripting())
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    """None if the Triton kernels import, else why not (``triton`` missing, too old...)."""
+    try:
+        from . import ms_deform_attn_triton  # noqa: F401
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+def resolve_implementation(implementation: str, value: torch.Tensor) -> str:
+    """The implementation that computes the attention of ``value``: ``implementation`` itself,
+    ``"auto"`` resolved (``"triton"`` for a CUDA value when the kernels import, else
+    ``"light"``), and ``"pytorch"`` while exporting.
+
+    Raises:
+        ValueError: an unknown ``implementation``, or ``"triton"`` where it cannot run
+            (without ``triton``, or on a CPU value outside Triton's interpreter).
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"{_KEY}={implementation!r}: expected one of {list(IMPLEMENTATIONS)}")
+    if _exporting():
+        return "pytorch"
+    if implementation == "auto":
+        return "triton" if value.is_cuda and _triton_import_error() is None else "light"
+    if implementation == "triton":
+        error = _triton_import_error()
+        if error is not None:
+            raise ValueError(f"{_KEY}='triton' needs the triton package (pip install triton; "
+                             f"torch's CUDA wheels bring it), which failed to import: {error}")
+        if not value.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"{_KEY}='triton' needs CUDA tensors, got a {value.device.type} "
+                             "value: use 'auto', 'light' or 'pytorch' (or run the kernels in "
+                             "Triton's interpreter: TRITON_INTERPRET=1 before importing triton)")
+    return implementation
+
+
 def multi_scale_deformable_attention(
     value: torch.Tensor,
     spatial_shapes: SpatialShapes,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    implementation: str = "pytorch",
 ) -> torch.Tensor:
     """Weighted sum of values sampled bilinearly at the given locations, level by level.
 
     The semantics of Deformable DETR's ``ms_deform_attn_core_pytorch`` (and of its CUDA
     kernel): ``F.grid_sample`` with ``align_corners=False``, so that location ``x`` falls on
-    pixel coordinate ``x * W_l - 0.5``, and zeros outside the map. One ``grid_sample`` per
-    level covers all batch items, heads, queries and points.
+    pixel coordinate ``x * W_l - 0.5``, and zeros outside the map. Every implementation
+    computes this, and its gradients, in the wider of the value's and the locations' dtypes
+    (Triton: float32).
 
     Args:
-        value: ``(B, S, h, d)``, the tokens of all levels.
+        value: ``(B, S, h, d)``, the tokens of all levels; may be half precision.
         spatial_shapes: ``(H_l, W_l)`` per level (``SpatialShapes``).
         sampling_locations: ``(B, Q, h, L, P, 2)``, normalised ``(x, y)``, usually in [0, 1];
             points outside sample zeros there.
         attention_weights: ``(B, Q, h, L, P)``, already normalised (softmax over L * P).
+        implementation: one of ``IMPLEMENTATIONS`` (see ``resolve_implementation``).
 
     Returns:
-        ``(B, Q, h * d)``: the heads' outputs concatenated.
+        ``(B, Q, h * d)``: the heads' outputs concatenated, in the value's dtype.
     """
-    b, s, n_heads, d = value.shape
-    _, q, _, n_levels, n_points, _ = sampling_locations.shape
-    # grid_sample needs the sizes as Python ints
+    # every implementation needs the sizes as Python ints
     shapes = level_shapes(spatial_shapes)
     sizes = [hl * wl for hl, wl in shapes]
-    if sum(sizes) != s:
-        raise ValueError(f"spatial_shapes {shapes} make {sum(sizes)} tokens, value has {s}")
-    # (B, S, h, d) -> L x (B, H_l * W_l, h, d)
-    value_per_level = value.split(sizes, dim=1)
-    # grid_sample's grid spans [-1, 1] over the map
-    grids = 2 * sampling_locations - 1
-    # (B, Q, h, L, P) -> (B, h, L, Q, P) -> (B * h, L, 1, Q, P): per level, broadcast over d
-    weights = attention_weights.permute(0, 2, 3, 1, 4).reshape(
-        b * n_heads, n_levels, 1, q, n_points
-    )
-    output = value.new_zeros(b * n_heads, d, q)
-    for level, (hl, wl) in enumerate(shapes):
-        # (B, H_l * W_l, h, d) -> (B, h, d, H_l * W_l) -> (B * h, d, H_l, W_l): heads join the
-        # batch, tokens become a row-major image
-        v = value_per_level[level].permute(0, 2, 3, 1).reshape(b * n_heads, d, hl, wl)
-        # (B, Q, h, P, 2) -> (B, h, Q, P, 2) -> (B * h, Q, P, 2): the same batch order as v
-        grid = grids[:, :, :, level].transpose(1, 2).reshape(b * n_heads, q, n_points, 2)
-        # (B * h, d, Q, P)
-        sampled = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros",
-                                align_corners=False)
-        # weighted sum over the level's points, accumulated over levels: (B * h, d, Q). A
-        # product and a sum: on CPU about twice as fast, forward and backward, as stacking the
-        # levels and contracting with einsum (a batch of tiny matrix products).
-        output = output + (sampled * weights[:, level]).sum(-1)
-    # (B * h, d, Q) -> (B, h * d, Q) -> (B, Q, h * d)
-    return output.view(b, n_heads * d, q).transpose(1, 2).contiguous()
+    if sum(sizes) != value.shape[1]:
+        raise ValueError(f"spatial_shapes {shapes} make {sum(sizes)} tokens, "
+                         f"value has {value.shape[1]}")
+    name = resolve_implementation(implementation, value)
+    if name == "light":
+        return light_deformable_attention(value, shapes, sampling_locations, attention_weights)
+    if name == "triton":
+        from .ms_deform_attn_triton import triton_deformable_attention
+        return triton_deformable_attention(value, shapes, sampling_locations, attention_weights)
+    return grid_sample_deformable_attention(value, shapes, sampling_locations,
+                                            attention_weights)
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``layer(x)`` computed in ``dtype`` (gradients reach the layer's own parameters)."""
+    return F.linear(x.to(dtype), layer.weight.to(dtype), layer.bias.to(dtype))
 
 
 class MSDeformAttn(nn.Module):
@@ -109,14 +171,21 @@ class MSDeformAttn(nn.Module):
         n_levels: L, the number of feature levels.
         n_heads: h, the number of heads.
         n_points: P, the sampling points per head and level.
+        implementation: which implementation computes the sampling (``IMPLEMENTATIONS``,
+            see ``multi_scale_deformable_attention``); all compute the same function.
     """
 
     def __init__(
-        self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4
+        self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
+        implementation: str = "auto",
     ) -> None:
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"{_KEY}={implementation!r}: expected one of "
+                             f"{list(IMPLEMENTATIONS)}")
+        self.implementation = implementation
         self.d_model = d_model
         self.n_levels = n_levels
         self.n_heads = n_heads
@@ -170,30 +239,41 @@ class MSDeformAttn(nn.Module):
         """
         b, q, _ = query.shape
         h, n_levels, n_points = self.n_heads, self.n_levels, self.n_points
-        # (B, Q, h * L * P * 2) -> (B, Q, h, L, P, 2)
-        offsets = self.sampling_offsets(query).view(b, q, h, n_levels, n_points, 2)
-        # (B, Q, h * L * P) -> (B, Q, h, L * P): one softmax over all levels and points
-        weights = self.attention_weights(query).view(b, q, h, n_levels * n_points)
-        # (B, Q, h, L * P) -> (B, Q, h, L, P)
-        weights = weights.softmax(dim=-1).view(b, q, h, n_levels, n_points)
+        # float32 at least, autocast or not: half-precision offsets and logits would move the
+        # points by a fraction of a pixel and the weights by a fraction of a percent
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        with torch.autocast(query.device.type, enabled=False):
+            # (B, Q, h * L * P * 2) -> (B, Q, h, L, P, 2)
+            offsets = _linear(self.sampling_offsets, query, dtype).view(
+                b, q, h, n_levels, n_points, 2)
+            # (B, Q, h * L * P) -> (B, Q, h, L * P): one softmax over all levels and points
+            weights = _linear(self.attention_weights, query, dtype).view(
+                b, q, h, n_levels * n_points)
+            # (B, Q, h, L * P) -> (B, Q, h, L, P)
+            weights = weights.softmax(dim=-1).view(b, q, h, n_levels, n_points)
+            locations = self._locations(offsets, reference_points.to(dtype), spatial_shapes)
+        return locations, weights
+
+    def _locations(self, offsets: torch.Tensor, reference_points: torch.Tensor,
+                   spatial_shapes: SpatialShapes) -> torch.Tensor:
+        """``(B, Q, h, L, P, 2)`` locations from the ``(B, Q, h, L, P, 2)`` offsets and the
+        ``(B, Q, L, 2 or 4)`` reference points (see ``forward``)."""
         if reference_points.shape[-1] == 2:
             # (L, 2) (H_l, W_l) -> (W_l, H_l), the (x, y) order of the offsets
             normalizer = _shapes_tensor(spatial_shapes, offsets).flip(-1)
             # (B, Q, L, 2) -> (B, Q, 1, L, 1, 2) + (B, Q, h, L, P, 2) / (1, 1, 1, L, 1, 2)
-            locations = (
+            return (
                 reference_points[:, :, None, :, None, :]
                 + offsets / normalizer[None, None, None, :, None, :]
             )
-        elif reference_points.shape[-1] == 4:
+        if reference_points.shape[-1] == 4:
             # (B, Q, L, 4) -> (B, Q, 1, L, 1, 4): centre plus offsets scaled by the half-size
             boxes = reference_points[:, :, None, :, None, :]
-            locations = boxes[..., :2] + offsets / n_points * boxes[..., 2:] * 0.5
-        else:
-            raise ValueError(
-                "the last dimension of reference_points must be 2 (points) or 4 (boxes), "
-                f"got {reference_points.shape[-1]}"
-            )
-        return locations, weights
+            return boxes[..., :2] + offsets / self.n_points * boxes[..., 2:] * 0.5
+        raise ValueError(
+            "the last dimension of reference_points must be 2 (points) or 4 (boxes), "
+            f"got {reference_points.shape[-1]}"
+        )
 
     def forward(
         self,
@@ -236,7 +316,9 @@ class MSDeformAttn(nn.Module):
         locations, weights = self.sampling_locations_and_weights(
             query, reference_points, input_spatial_shapes
         )
+        # the implementation passed by position: benchmarks/attention_share.py wraps this
+        # function with one that forwards positional arguments only
         output = multi_scale_deformable_attention(
-            value, input_spatial_shapes, locations, weights
+            value, input_spatial_shapes, locations, weights, self.implementation
         )
         return self.output_proj(output)
