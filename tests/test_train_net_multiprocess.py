@@ -1,6 +1,7 @@
 """``train_net.py --num-gpus 2`` as a user runs it, on CPU: two gloo workers that Detectron2's
 ``DefaultTrainer`` wraps in DDP (``broadcast_buffers=False``), against ``--num-gpus 1`` with the
-same total batch.
+same total batch; and ``--num-machines 2`` (two processes standing in for two machines) against
+the same one-process run.
 
 Every run is a subprocess of ``tests/train_net_recording.py`` (train_net.py, plus each worker
 saving its model and logged losses), on a small COCO-format dataset registered with
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from conftest import REPO, SHAPES_CONFIG, SMALL, small_model, write_coco_dataset
+from dab_detr.engine.launch import _free_port
 
 SCRIPT = os.path.join(REPO, "tests", "train_net_recording.py")
 ITERS = 4
@@ -35,16 +37,47 @@ def data(tmp_path_factory):
     ]
 
 
-def _run(out, num_gpus, *opts, eval_only=False):
-    """Run train_net (recording) in a subprocess; the records of its workers, by rank."""
-    cmd = [sys.executable, SCRIPT, "--config-file", SHAPES_CONFIG, "--num-gpus", str(num_gpus),
-           "--dist-url", "auto"] + (["--eval-only"] if eval_only else []) + [
+def _command(out, launch_args, *opts, eval_only=False):
+    """The train_net (recording) command line of every run here."""
+    return [sys.executable, SCRIPT, "--config-file", SHAPES_CONFIG, *launch_args] + (
+        ["--eval-only"] if eval_only else []) + [
         *SMALL, "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.DAB_DETR.DROPOUT", "0.0",
         "SOLVER.MAX_ITER", str(ITERS), "OUTPUT_DIR", str(out), *opts]
+
+
+def _records(out, world_size):
+    return [torch.load(out / f"worker{r}.pth", weights_only=True)
+            for r in range(world_size) if (out / f"worker{r}.pth").exists()]
+
+
+def _run(out, num_gpus, *opts, eval_only=False):
+    """Run train_net (recording) in a subprocess; the records of its workers, by rank."""
+    cmd = _command(out, ["--num-gpus", str(num_gpus), "--dist-url", "auto"], *opts,
+                   eval_only=eval_only)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    return [torch.load(out / f"worker{r}.pth", weights_only=True)
-            for r in range(num_gpus) if (out / f"worker{r}.pth").exists()]
+    return _records(out, num_gpus)
+
+
+def _run_machines(out, machines, *opts):
+    """``train_net.py --num-machines N --machine-rank R --num-gpus 1 --dist-url tcp://...``,
+    the commands of N machines, run here as N processes at once; their workers' records."""
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    out.mkdir(parents=True)
+    procs = []
+    for rank in range(machines):
+        launch_args = ["--num-machines", str(machines), "--machine-rank", str(rank),
+                       "--num-gpus", "1", "--dist-url", url]
+        log = open(out / f"machine{rank}.log", "w")  # files, not pipes: none blocks writing
+        procs.append((subprocess.Popen(_command(out, launch_args, *opts), stdout=log,
+                                       stderr=subprocess.STDOUT, text=True, cwd=REPO), log))
+    for rank, (proc, log) in enumerate(procs):
+        try:
+            code = proc.wait(timeout=600)
+        finally:
+            log.close()
+        assert code == 0, (out / f"machine{rank}.log").read_text()[-5000:]
+    return _records(out, machines)
 
 
 def _predictions(out):
@@ -94,6 +127,23 @@ def test_two_workers_log_the_loss_of_one_process_with_the_whole_batch(runs):
     one, two = runs[1][1][0]["state"], runs[2][1][0]["state"]
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-3, msg=name)
+
+
+def test_two_machines_train_as_one_process_with_the_whole_batch(runs, data, tmp_path):
+    """``--num-machines 2``: two processes, each a machine of one worker, joined over TCP (gloo
+    on CPU), as two hosts would be; the same losses and weights as one process."""
+    rank0, rank1 = _run_machines(tmp_path / "machines", 2, *data)
+    for name, t in rank0["state"].items():
+        assert torch.equal(t, rank1["state"][name]), name
+    single, double = runs[1][1][0]["losses"], rank0["losses"]
+    assert sorted(double) == list(range(ITERS))
+    for it in range(ITERS):
+        assert double[it] == pytest.approx(single[it], rel=0, abs=1e-5), it
+    one = runs[1][1][0]["state"]
+    for name in one:
+        torch.testing.assert_close(rank0["state"][name], one[name], rtol=0, atol=1e-3, msg=name)
+    log = (tmp_path / "machines" / "log.txt").read_text()
+    assert "The model is bit-identical on all 2 workers" in log
 
 
 def test_evaluation_counts_each_image_once_and_gives_the_one_process_ap(runs, data):
