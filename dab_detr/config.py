@@ -119,6 +119,12 @@ def add_dab_detr_config(cfg: CN) -> None:
     # best class; the selected tokens' enc_output_norm(enc_output(memory)), detached); "dino"
     # is DINO's (MODEL.META_ARCHITECTURE "DINO" only).
     d.DEFORMABLE.TWO_STAGE_QUERY = "official"
+    # Which implementation computes the multi-scale deformable attention of DAB-Deformable-DETR
+    # and DINO (the same function, the same results): "pytorch" (grid_sample, the reference:
+    # keeps every sample for the backward pass), "light" (plain PyTorch that keeps none; the
+    # faster CPU path), "triton" (fused kernels, CUDA and the triton package) or "auto" (Triton
+    # on CUDA when it imports, else "light"). The ONNX export always uses "pytorch".
+    d.DEFORMABLE_ATTENTION = "auto"
 
     # DINO (MODEL.META_ARCHITECTURE "DINO", Zhang et al., ICLR 2023): DAB-Deformable-DETR's
     # two-stage model with DINO's query selection (DEFORMABLE.TWO_STAGE True, TWO_STAGE_QUERY

@@ -14,6 +14,7 @@ from typing import Dict, List, Tuple
 import pytest
 import torch
 from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
 
 import dab_detr.layers as layers
 from conftest import config_path
@@ -134,3 +135,155 @@ def test_light_gradcheck() -> None:
         return multi_scale_deformable_attention(v, shapes, loc, w, "light")
 
     assert torch.autograd.gradcheck(light, inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.fixture(params=["pytorch", "light", "triton"])
+def any_implementation(request) -> str:
+    if request.param == "triton":
+        request.getfixturevalue("interpreted_triton")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_value_float32_locations(any_implementation: str,
+                                                dtype: torch.dtype) -> None:
+    """A half-precision value is sampled with float32 locations and weights, in float32: the
+    result is the float32 result (of the same value numbers) rounded once; the gradients of
+    locations and weights are float32 and equal the float32 ones."""
+    value, locations, weights = _inputs(torch.float32)
+    value = value.to(dtype)
+    # the gradient that reaches the attention is rounded to the output's dtype
+    grad_output = torch.randn(B, Q, HEADS * D).to(dtype)
+    expected = _output_and_grads("pytorch", (value.float(), locations, weights),
+                                 grad_output.float())
+    got = _output_and_grads(any_implementation, (value, locations, weights), grad_output)
+    assert [t.dtype for t in got] == [dtype, dtype, torch.float32, torch.float32]
+    torch.testing.assert_close(got[0], expected[0].to(dtype), msg="output")
+    torch.testing.assert_close(got[1], expected[1].to(dtype), msg="value")
+    for name, e, o in zip(["locations", "weights"], expected[2:], got[2:]):
+        torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_auto_is_light_on_cpu_and_exports_take_the_reference(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    value = torch.zeros(1, 2, 1, 1)
+    assert resolve_implementation("auto", value) == "light"
+    assert resolve_implementation("pytorch", value) == "pytorch"
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert [resolve_implementation(name, value) for name in ("auto", "light", "triton")] == [
+        "pytorch"] * 3
+
+
+def test_unknown_implementation_is_refused_by_name() -> None:
+    value, locations, weights = _inputs(torch.float32)
+    named = r"MODEL.DAB_DETR.DEFORMABLE_ATTENTION='cuda': expected one of \['auto', 'pytorch', "
+    with pytest.raises(ValueError, match=named):
+        multi_scale_deformable_attention(value, SHAPES, locations, weights, "cuda")
+    with pytest.raises(ValueError, match=named):
+        MSDeformAttn(8, 2, 2, 2, implementation="cuda")
+    with pytest.raises(ValueError, match=named):
+        build_model(_deformable_cfg("cuda"))
+
+
+def test_triton_where_it_cannot_run_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    value, locations, weights = _inputs(torch.float32)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(ms_deform_attn, "_triton_import_error", lambda: None)
+    with pytest.raises(ValueError, match="DEFORMABLE_ATTENTION='triton' needs CUDA tensors, "
+                                         "got a cpu value"):
+        multi_scale_deformable_attention(value, SHAPES, locations, weights, "triton")
+    monkeypatch.setattr(ms_deform_attn, "_triton_import_error",
+                        lambda: "No module named 'triton'")
+    with pytest.raises(ValueError, match="needs the triton package .* No module named 'triton'"):
+        multi_scale_deformable_attention(value, SHAPES, locations, weights, "triton")
+
+
+def test_module_under_bf16_autocast_samples_at_float32_locations(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under autocast the value is bfloat16, but the locations and the attention weights
+    reach the sampling in float32, equal to those computed without autocast."""
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    module = MSDeformAttn(16, len(SHAPES), HEADS, P)
+    with torch.no_grad():
+        for linear in (module.sampling_offsets, module.attention_weights):
+            linear.weight.copy_(0.3 * torch.randn(linear.weight.shape, generator=g))
+    s = sum(hl * wl for hl, wl in SHAPES)
+    query, inputs = torch.randn(B, Q, 16, generator=g), torch.randn(B, s, 16, generator=g)
+    boxes = torch.cat([0.2 + 0.6 * torch.rand(B, Q, len(SHAPES), 2, generator=g),
+                       0.1 + 0.3 * torch.rand(B, Q, len(SHAPES), 2, generator=g)], -1)
+    locations, weights = module.sampling_locations_and_weights(query, boxes, SHAPES)
+    args = (boxes, inputs, SHAPES, torch.zeros(len(SHAPES), dtype=torch.long))
+    expected = module(query, *args)
+    seen = {}
+    boundary = ms_deform_attn.multi_scale_deformable_attention
+
+    def recording(value, shapes, locations, weights, implementation):
+        seen.update(value=value, locations=locations, weights=weights)
+        return boundary(value, shapes, locations, weights, implementation)
+
+    monkeypatch.setattr(ms_deform_attn, "multi_scale_deformable_attention", recording)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(query, *args)
+    assert (seen["value"].dtype, seen["locations"].dtype, seen["weights"].dtype) == (
+        torch.bfloat16, torch.float32, torch.float32)
+    torch.testing.assert_close(seen["locations"], locations, rtol=0, atol=1e-6)
+    torch.testing.assert_close(seen["weights"], weights, rtol=0, atol=1e-6)
+    # bfloat16 projections: close to float32, not equal
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=0.05)
+    out.float().sum().backward()
+    assert module.sampling_offsets.weight.grad.dtype == torch.float32
+
+
+def _deformable_cfg(implementation: str):
+    """A small DN-DAB-Deformable-DETR (4 levels, 4 points), on CPU."""
+    return get_dab_detr_cfg(config_path("quick_schedules/dab_deformable_detr_R_18_shapes.yaml"), [
+        "MODEL.WEIGHTS", "", "MODEL.DAB_DETR.HIDDEN_DIM", "32",
+        "MODEL.DAB_DETR.DIM_FEEDFORWARD", "64", "MODEL.DAB_DETR.NHEADS", "2",
+        "MODEL.DAB_DETR.ENC_LAYERS", "1", "MODEL.DAB_DETR.DEC_LAYERS", "2",
+        "MODEL.DAB_DETR.NUM_QUERIES", "8", "MODEL.DAB_DETR.DN.ENABLED", "True",
+        "MODEL.DAB_DETR.DEFORMABLE_ATTENTION", implementation])
+
+
+def _training_step(implementation: str, state: Dict[str, torch.Tensor]):
+    """Losses and parameter gradients of one training step on two images of unequal sizes
+    (so that the smaller is padded), the same weights and the same denoising noise."""
+    model = build_model(_deformable_cfg(implementation)).train()
+    model.load_state_dict(state)
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for (h, w), boxes in [((96, 128), [[4.0, 6.0, 60.0, 50.0], [70, 20, 120, 90]]),
+                          ((64, 96), [[10.0, 10.0, 50.0, 40.0]])]:
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.tensor(boxes))
+        inst.gt_classes = torch.arange(len(boxes))
+        batch.append({"image": torch.rand(3, h, w, generator=g) * 255, "instances": inst})
+    torch.manual_seed(1)
+    losses = model(batch)
+    sum(losses.values()).backward()
+    return losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_model_training_step_is_the_same_with_each_implementation(
+        implementation: str) -> None:
+    torch.manual_seed(0)
+    state = build_model(_deformable_cfg("pytorch")).state_dict()
+    # Initialised, the encoder's points lie on pixel centres (whole-pixel offsets from token
+    # centres), where bilinear sampling has a kink: its derivative there is one-sided, and
+    # which side an implementation takes depends on how it rounds the pixel coordinate (the
+    # light backward is grid_sample's own; the kernels compute ``x W - 0.5`` as the official
+    # CUDA op does, grid_sample ``((2 x - 1 + 1) W - 1) / 2``).
+    # Offsets moved by a fraction of a pixel keep every point off the grid.
+    for name, tensor in state.items():
+        if name.endswith("sampling_offsets.bias"):
+            tensor += 0.3 * torch.rand(tensor.shape, generator=torch.Generator().manual_seed(5))
+    expected_losses, expected_grads = _training_step("pytorch", state)
+    losses, grads = _training_step(implementation, state)
+    assert losses.keys() == expected_losses.keys()
+    for name, value in losses.items():
+        torch.testing.assert_close(value, expected_losses[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert grads.keys() == expected_grads.keys()
+    # float32 round-off (1e-6 at most, measured, against gradients up to about 1) through
+    # the backbone, whose convolutions sum the attention's gradients in another order
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)

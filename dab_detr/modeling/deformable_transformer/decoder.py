@@ -40,7 +40,8 @@ __all__ = ["DABDeformableDecoder", "DeformableDecoderLayer"]
 class DeformableDecoderLayer(nn.Module):
     """Post-norm layer: self-attention, deformable cross-attention, FFN (the names and order
     of Deformable DETR's layer: ``norm2`` after self-attention, ``norm1`` after
-    cross-attention)."""
+    cross-attention). ``deformable_attention``: the implementation of the sampling
+    (``MSDeformAttn``'s ``implementation``)."""
 
     def __init__(
         self,
@@ -51,9 +52,10 @@ class DeformableDecoderLayer(nn.Module):
         activation: Type[nn.Module],
         n_levels: int,
         n_points: int,
+        deformable_attention: str = "auto",
     ):
         super().__init__()
-        self.cross_attn = MSDeformAttn(d_model, n_levels, nhead, n_points)
+        self.cross_attn = MSDeformAttn(d_model, n_levels, nhead, n_points, deformable_attention)
         self.norm1 = nn.LayerNorm(d_model)
         # q = k = content + position, v = content: nn.MultiheadAttention's packed layout
         self.self_attn = EncoderSelfAttention(d_model, nhead, dropout)

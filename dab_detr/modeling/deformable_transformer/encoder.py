@@ -62,7 +62,8 @@ def encoder_reference_points(
 
 
 class DeformableEncoderLayer(nn.Module):
-    """Post-norm layer: deformable self-attention, then FFN."""
+    """Post-norm layer: deformable self-attention, then FFN. ``deformable_attention``: the
+    implementation of the sampling (``MSDeformAttn``'s ``implementation``)."""
 
     def __init__(
         self,
@@ -73,9 +74,10 @@ class DeformableEncoderLayer(nn.Module):
         activation: Type[nn.Module],
         n_levels: int,
         n_points: int,
+        deformable_attention: str = "auto",
     ):
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, nhead, n_points)
+        self.self_attn = MSDeformAttn(d_model, n_levels, nhead, n_points, deformable_attention)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.activation = activation()

@@ -41,6 +41,7 @@ class DABDeformableTransformer(nn.Module):
         enc_heads: Optional[Tuple[nn.Module, nn.Module]] = None,
         dino_decoder: bool = False,
         look_forward_twice: bool = True,
+        deformable_attention: str = "auto",
     ):
         """
         Args:
@@ -63,19 +64,22 @@ class DABDeformableTransformer(nn.Module):
                 ``look_forward_twice`` (see ``DABDeformableDecoder``).
             look_forward_twice: with ``dino_decoder``, whether the reported boxes refine the
                 previous layer's boxes before they are detached.
+            deformable_attention: which implementation samples in every deformable attention
+                (``"auto"``, ``"pytorch"``, ``"light"``, ``"triton"``: see
+                ``multi_scale_deformable_attention``); the results are the same.
         """
         super().__init__()
         self.d_model = d_model
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         self.encoder = DeformableEncoder(nn.ModuleList(
             DeformableEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
-                                   num_feature_levels, enc_n_points)
+                                   num_feature_levels, enc_n_points, deformable_attention)
             for _ in range(num_encoder_layers)
         ))
         self.decoder = DABDeformableDecoder(
             nn.ModuleList(
                 DeformableDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
-                                       num_feature_levels, dec_n_points)
+                                       num_feature_levels, dec_n_points, deformable_attention)
                 for _ in range(num_decoder_layers)
             ),
             d_model,

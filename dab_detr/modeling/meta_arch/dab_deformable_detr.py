@@ -119,6 +119,7 @@ class DABDeformableDETR(MultiScaleDetector):
             num_feature_levels=d.DEFORMABLE.NUM_FEATURE_LEVELS,
             enc_n_points=d.DEFORMABLE.ENC_N_POINTS,
             dec_n_points=d.DEFORMABLE.DEC_N_POINTS,
+            deformable_attention=d.DEFORMABLE_ATTENTION,
             two_stage_num_proposals=d.NUM_QUERIES if two_stage else 0,
             two_stage_query=d.DEFORMABLE.TWO_STAGE_QUERY,
         )

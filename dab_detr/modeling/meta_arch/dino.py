@@ -110,6 +110,7 @@ class DINO(MultiScaleDetector):
             num_feature_levels=d.DEFORMABLE.NUM_FEATURE_LEVELS,
             enc_n_points=d.DEFORMABLE.ENC_N_POINTS,
             dec_n_points=d.DEFORMABLE.DEC_N_POINTS,
+            deformable_attention=d.DEFORMABLE_ATTENTION,
             two_stage_num_proposals=d.NUM_QUERIES,
             two_stage_query="dino",
             enc_heads=enc_heads,
