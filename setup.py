@@ -59,8 +59,10 @@ setup(
         "tensorboard",
     ],
     extras_require={
+        # triton: the deformable attention kernels' tests run in its interpreter on CPU; the
+        # package runs without it (CUDA wheels of torch bring it for the GPU kernels)
         "dev": ["pytest", "ruff", "transformers>=4.49", "timm",
-                "onnx", "onnxscript", "onnxruntime"],
+                "onnx", "onnxscript", "onnxruntime", "triton"],
         # python -m dab_detr.export: torch.onnx's torch.export-based exporter (onnx,
         # onnxscript) and its check (onnxruntime). Tested with onnx 1.23.2, onnxscript 0.7.2,
         # onnxruntime 1.32.0.
