@@ -60,9 +60,11 @@ setup(
     ],
     extras_require={
         # triton: the deformable attention kernels' tests run in its interpreter on CPU; the
-        # package runs without it (CUDA wheels of torch bring it for the GPU kernels)
+        # package runs without it (CUDA wheels of torch bring it for the GPU kernels). Tested
+        # with triton 3.8.0.
         "dev": ["pytest", "ruff", "transformers>=4.49", "timm",
-                "onnx", "onnxscript", "onnxruntime", "triton"],
+                "onnx", "onnxscript", "onnxruntime",
+                "triton; platform_system == 'Linux'"],  # its only wheels
         # python -m dab_detr.export: torch.onnx's torch.export-based exporter (onnx,
         # onnxscript) and its check (onnxruntime). Tested with onnx 1.23.2, onnxscript 0.7.2,
         # onnxruntime 1.32.0.
