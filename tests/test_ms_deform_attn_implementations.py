@@ -8,6 +8,7 @@ Shapes: B batch, Q queries, h heads, d channels per head, L levels, P points, S 
 
 import importlib
 import os
+import re
 import sys
 from typing import Dict, List, Tuple
 
@@ -192,10 +193,26 @@ def test_triton_where_it_cannot_run_is_refused(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ValueError, match="DEFORMABLE_ATTENTION='triton' needs CUDA tensors, "
                                          "got a cpu value"):
         multi_scale_deformable_attention(value, SHAPES, locations, weights, "triton")
-    monkeypatch.setattr(ms_deform_attn, "_triton_import_error",
-                        lambda: "No module named 'triton'")
-    with pytest.raises(ValueError, match="needs the triton package .* No module named 'triton'"):
-        multi_scale_deformable_attention(value, SHAPES, locations, weights, "triton")
+
+
+def test_without_triton_auto_is_light_and_triton_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``import triton`` failing (as where it is not installed): the package runs, "auto"
+    needs no triton, "triton" is refused naming the key and the import error."""
+    value, locations, weights = _inputs(torch.float32)
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes ``import triton`` fail
+    monkeypatch.delitem(sys.modules, TRITON_MODULE, raising=False)
+    ms_deform_attn._triton_import_error.cache_clear()
+    try:
+        out = multi_scale_deformable_attention(value, SHAPES, locations, weights, "auto")
+        expected = multi_scale_deformable_attention(value, SHAPES, locations, weights)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="DEFORMABLE_ATTENTION='triton' needs the triton "
+                                             "package .* failed to import: .*triton"):
+            multi_scale_deformable_attention(value, SHAPES, locations, weights, "triton")
+    finally:
+        monkeypatch.undo()
+        ms_deform_attn._triton_import_error.cache_clear()
 
 
 def test_module_under_bf16_autocast_samples_at_float32_locations(
@@ -287,3 +304,28 @@ def test_model_training_step_is_the_same_with_each_implementation(
     # the backbone, whose convolutions sum the attention's gradients in another order
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_benchmark_prints_each_implementation_at_each_scale(
+        capsys: pytest.CaptureFixture) -> None:
+    """``benchmarks/deformable_attention.py`` on a tiny image: a row per scale, pass and CPU
+    implementation, with a time and a peak memory (numbers, not their values, are checked);
+    the reference's ratios are 1."""
+    from benchmarks import deformable_attention
+
+    deformable_attention.main(["--image", "64", "96", "--repeats", "1", "--warmup", "0",
+                               "--threads", "1"])
+    stdout = capsys.readouterr().out
+    table = stdout[stdout.index("| case |"):].splitlines()[2:]
+    row = re.compile(r"\| (encoder|decoder), float32, (forward|forward \+ backward) \| "
+                     r"(pytorch|light) \| (\d+\.\d) ms \(\d+\.\d-\d+\.\d\) \| (\d+) MiB \| "
+                     r"(\d+\.\d\d) \| (\d+\.\d\d) \|$")
+    parsed = [row.match(line) for line in table]
+    assert all(parsed), table
+    assert [m.group(1, 2, 3) for m in parsed] == [
+        (scale, mode, name) for scale in ("encoder", "decoder")
+        for mode in ("forward", "forward + backward") for name in ("pytorch", "light")]
+    for m in parsed:
+        assert float(m.group(4)) > 0
+        if m.group(3) == "pytorch":
+            assert m.group(6, 7) == ("1.00", "1.00")
