@@ -50,17 +50,19 @@ def batch(device: str = "cpu"):
 def amp_step(cfg, precision: torch.dtype, device: str = "cpu", init_scale: float = 2.0**16):
     """One ``AutocastTrainer`` step of ``cfg``'s model (float16: the loss scaled by
     ``init_scale`` at first); ``(trainer, storage, weights before,
-    dtypes seen: the transformer's first linear layer's output and the criterion's logits)``."""
+    dtypes seen: the transformer's linear layers' outputs (a set) and the criterion's
+    logits)``."""
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    seen = {}
-    first_linear = next(m for m in model.transformer.modules() if isinstance(m, torch.nn.Linear))
+    seen = {"network": set()}
 
     def network_dtype(module, inputs, output):
-        seen.setdefault("network", output.dtype)
+        seen["network"].add(output.dtype)
 
-    first_linear.register_forward_hook(network_dtype)
+    for module in model.transformer.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(network_dtype)
     forward = model.criterion.forward
 
     def criterion(outputs, targets):
@@ -97,7 +99,9 @@ def test_bfloat16_step_of_every_family(config_file):
     """The network runs in bfloat16, the losses in float32; finite losses and gradients, and
     the optimizer steps (no loss scaling in bfloat16)."""
     trainer, storage, before, seen = amp_step(family_cfg(config_file), torch.bfloat16)
-    assert seen == {"network": torch.bfloat16, "criterion": torch.float32}
+    # the linear layers ran in bfloat16 (the deformable attention's sampling offsets may be
+    # float32), the losses in float32
+    assert torch.bfloat16 in seen["network"] and seen["criterion"] == torch.float32
     assert not trainer.grad_scaler.is_enabled()
     assert_trained(trainer, storage, before)
 
@@ -112,7 +116,7 @@ def test_float16_step_scales_the_loss_and_unscales_before_clipping():
     clip = cfg.SOLVER.CLIP_GRADIENTS
     assert clip.ENABLED and clip.CLIP_TYPE == "full_model"
     trainer, storage, before, seen = amp_step(cfg, torch.float16, init_scale=2.0**10)
-    assert seen == {"network": torch.float16, "criterion": torch.float32}
+    assert torch.float16 in seen["network"] and seen["criterion"] == torch.float32
     assert trainer.grad_scaler.is_enabled() and trainer.grad_scaler.get_scale() == 2.0**10
     assert_trained(trainer, storage, before)
     # the float32 gradients of the same step are above the clipping norm
@@ -201,5 +205,5 @@ def test_cuda_autocast_step_of_every_family(config_file, precision):
         pytest.skip("this GPU has no bfloat16")
     cfg = family_cfg(config_file, "MODEL.DEVICE", "cuda")
     trainer, storage, before, seen = amp_step(cfg, precision, "cuda")
-    assert seen == {"network": precision, "criterion": torch.float32}
+    assert precision in seen["network"] and seen["criterion"] == torch.float32
     assert_trained(trainer, storage, before)
