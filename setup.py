@@ -62,12 +62,16 @@ setup(
         # triton: the deformable attention kernels' tests run in its interpreter on CPU; the
         # package runs without it (CUDA wheels of torch bring it for the GPU kernels). Tested
         # with triton 3.8.0.
+        # submitit: tests/test_slurm.py (tools/run_with_submitit.py in a fake Slurm job).
         "dev": ["pytest", "ruff", "transformers>=4.49", "timm",
                 "onnx", "onnxscript", "onnxruntime",
-                "triton; platform_system == 'Linux'"],  # its only wheels
+                "triton; platform_system == 'Linux'",  # its only wheels
+                "submitit"],
         # python -m dab_detr.export: torch.onnx's torch.export-based exporter (onnx,
         # onnxscript) and its check (onnxruntime). Tested with onnx 1.23.2, onnxscript 0.7.2,
         # onnxruntime 1.32.0.
         "export": ["onnx", "onnxscript", "onnxruntime"],
+        # tools/run_with_submitit.py: training on a Slurm cluster. Tested with submitit 1.5.4.
+        "slurm": ["submitit"],
     },
 )

@@ -9,8 +9,13 @@ Any COCO-format dataset trains and evaluates without code: name its json and ima
 ``DATASETS.REGISTER_COCO`` (see ``dab_detr/data/coco.py``).
 
 ``--num-gpus N`` runs N processes: one per GPU with CUDA, N CPU workers over gloo without it
-(``dab_detr/engine/launch.py``). For a dataset of your own, ``SOLVER.EPOCHS`` gives the
-schedule in passes over it (``dab_detr/engine/schedule.py``).
+(``dab_detr/engine/launch.py``). On M machines, run on each
+``--num-machines M --machine-rank R --num-gpus N --dist-url tcp://<machine 0>:<port>``; on a
+Slurm cluster, ``tools/run_with_submitit.py`` (docs/gpu.md). For a dataset of your own,
+``SOLVER.EPOCHS`` gives the schedule in passes over it (``dab_detr/engine/schedule.py``).
+
+``SOLVER.AMP.ENABLED True`` trains under autocast on CUDA, in ``SOLVER.AMP.PRECISION``
+(float16 with loss scaling, or bfloat16; ``dab_detr/engine/amp.py``).
 
 ``--resume`` continues a run exactly: the optimizer, the scheduler and the data order and
 augmentations (``dab_detr/engine/``) carry on from the last checkpoint, so a run killed and
@@ -124,13 +129,18 @@ def where_the_results_are(cfg) -> str:
     return "\n".join(lines)
 
 
-def cli(argv=None):
-    """``python train_net.py [argv]``: parse the arguments, check the inputs, start the
-    workers."""
+def argument_parser():
+    """Detectron2's ``default_argument_parser`` and ``--debug``."""
     parser = default_argument_parser()
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error in the inputs (or DAB_DETR_DEBUG=1)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def cli(argv=None):
+    """``python train_net.py [argv]``: parse the arguments, check the inputs, start the
+    workers."""
+    args = argument_parser().parse_args(argv)
     with report_user_errors("train_net.py", debug=args.debug):
         load_config(args)  # in this process: a bad input stops here, not in every worker
         launch(

@@ -7,6 +7,10 @@ per process). Without it, N CPU processes train over gloo, as current Detectron2
 ``detectron2.utils.comm``. Each CPU process gets an equal share of the cores' intra-op
 threads, so N processes do not oversubscribe them.
 
+:func:`run_worker` is one such process, with either backend: what ``launch`` spawns without
+CUDA, and what a cluster's scheduler starts once per GPU (``tools/run_with_submitit.py``: one
+Slurm task per GPU, ranks from the job's environment).
+
 The trainer's side of CPU DDP is :func:`ddp_without_device_ids`: Detectron2's
 ``create_ddp_model`` passes ``device_ids=[local rank]``, which DDP refuses for CPU modules.
 """
@@ -26,7 +30,7 @@ from detectron2.engine import defaults
 from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 
-__all__ = ["cpu_threads_per_process", "ddp_without_device_ids", "launch"]
+__all__ = ["cpu_threads_per_process", "ddp_without_device_ids", "launch", "run_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ def launch(
             raise ValueError("--dist-url auto works on one machine only; give tcp://host:port")
         dist_url = f"tcp://127.0.0.1:{_free_port()}"
     mp.spawn(
-        _cpu_worker,
+        run_worker,
         nprocs=num_gpus_per_machine,
         args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args,
               timeout),
@@ -77,20 +81,31 @@ def cpu_threads_per_process(num_processes: int) -> int:
     return max(1, (cores or 1) // num_processes)
 
 
-def _cpu_worker(
+def run_worker(
     local_rank: int,
     main_func: Callable[..., Any],
     world_size: int,
     num_per_machine: int,
     machine_rank: int,
     dist_url: str,
-    args: Tuple,
-    timeout: timedelta,
+    args: Tuple = (),
+    timeout: timedelta = DEFAULT_TIMEOUT,
 ) -> None:
-    torch.set_num_threads(cpu_threads_per_process(num_per_machine))
+    """Worker ``machine_rank * num_per_machine + local_rank`` of ``world_size``: join the
+    process group at ``dist_url`` (NCCL on GPU ``local_rank`` with CUDA; gloo and an equal
+    share of the cores without), make this machine's local group, run ``main_func(*args)``."""
+    if world_size == 1:
+        main_func(*args)
+        return
+    if torch.cuda.is_available():
+        backend = "nccl"
+        torch.cuda.set_device(local_rank)
+    else:
+        backend = "gloo"
+        torch.set_num_threads(cpu_threads_per_process(num_per_machine))
     rank = machine_rank * num_per_machine + local_rank
     try:
-        dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank,
+        dist.init_process_group(backend, init_method=dist_url, world_size=world_size, rank=rank,
                                 timeout=timeout)
     except Exception as e:
         raise RuntimeError(f"worker {rank} could not join the process group at {dist_url}: "
