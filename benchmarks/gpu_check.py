@@ -85,9 +85,11 @@ def families(out: str, device: str, tiny: bool, only: Optional[List[str]] = None
             print(f"[families] {variant} {section}: " + ", ".join(
                 f"{r['dtype']} {_fmt(r['images_per_s'])} img/s" for r in rows[-2:]), flush=True)
         runner.release()
-    for row in rows:
-        del row["case"]
-    _write(out, "families", rows, _families_table(rows, device, tiny))
+        for row in rows:
+            row.pop("case", None)  # not JSON: its fields are the row's
+        # after every family: a run stopped by its time limit leaves the families it measured
+        _write(out, "families", rows, _families_table(rows, device, tiny), echo=False)
+    print(_families_table(rows, device, tiny), flush=True)
     return rows
 
 
@@ -220,13 +222,14 @@ def _fmt(value: Optional[float], fmt: str = "{:.2f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def _write(out: str, name: str, data, table: str) -> None:
+def _write(out: str, name: str, data, table: str, echo: bool = True) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(data, f, indent=1)
     with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(table)
-    print(table, flush=True)
+    if echo:
+        print(table, flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
