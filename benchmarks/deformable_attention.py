@@ -111,12 +111,13 @@ def _official(value, shapes, locations, weights):
                              weights.to(value.dtype))
 
 
-def implementations(device: str) -> List[str]:
+def implementations(device: str, dtype: str) -> List[str]:
+    """What runs on ``device`` with a ``dtype`` value (the official op: float32 only)."""
     names = ["pytorch", "light"]
     if device == "cuda" and resolve_implementation("auto", torch.zeros(1, device=device)) \
             == "triton":
         names.append("triton")
-    if official_available(device):
+    if official_available(device) and dtype == "float32":
         names.append("official")
     return names
 
@@ -247,9 +248,9 @@ def _row(label: str, times: List[Dict[str, float]], memory: List[float],
 
 
 def boundary_rows(args: argparse.Namespace) -> List[str]:
-    names = implementations(args.device)
     rows = []
     for dtype in args.dtypes:
+        names = implementations(args.device, dtype)
         for scale in SCALES:
             inputs = make_inputs(scale, getattr(torch, dtype), args.device, tuple(args.image))
             for backward in (False, True):

@@ -81,11 +81,12 @@ def _exporting() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _triton_import_error() -> Optional[str]:
-    """None if the Triton kernels import, else why not (``triton`` missing, too old...)."""
+    """None if the Triton kernels import, else why not (``triton`` missing, too old, or
+    failing on this machine: "auto" then takes the light function)."""
     try:
         from . import ms_deform_attn_triton  # noqa: F401
-    except ImportError as e:
-        return str(e)
+    except Exception as e:  # any failure of triton's import means no kernels
+        return f"{type(e).__name__}: {e}"
     return None
 
 

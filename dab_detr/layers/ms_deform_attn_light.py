@@ -174,6 +174,8 @@ def _backward(grad_output: torch.Tensor, value: torch.Tensor, shapes: Shapes,
                 grad_value[:, start:end] = grad_image.view(b, heads, d, -1).permute(0, 3, 1, 2)
             if needs[1]:
                 grad_locations[:, :, :, level] = grad_level
+            # freed before the next level's are made, not when the names are rebound
+            del image, grad_image, grad_level
         if needs[2]:
             grad_weights[:, :, :, level] = _level_weight_grad(
                 g, value, (hl, wl), start, locations[:, :, :, level])
