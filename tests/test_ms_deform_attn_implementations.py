@@ -202,6 +202,7 @@ def test_without_triton_auto_is_light_and_triton_is_refused(
     value, locations, weights = _inputs(torch.float32)
     monkeypatch.setitem(sys.modules, "triton", None)  # makes ``import triton`` fail
     monkeypatch.delitem(sys.modules, TRITON_MODULE, raising=False)
+    monkeypatch.delattr(layers, "ms_deform_attn_triton", raising=False)
     ms_deform_attn._triton_import_error.cache_clear()
     try:
         out = multi_scale_deformable_attention(value, SHAPES, locations, weights, "auto")

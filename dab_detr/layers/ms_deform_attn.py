@@ -24,6 +24,7 @@ bottom-right corner (padding area included).
 """
 
 import functools
+import importlib
 import math
 import os
 from typing import List, Optional, Sequence, Tuple, Union
@@ -84,7 +85,9 @@ def _triton_import_error() -> Optional[str]:
     """None if the Triton kernels import, else why not (``triton`` missing, too old, or
     failing on this machine: "auto" then takes the light function)."""
     try:
-        from . import ms_deform_attn_triton  # noqa: F401
+        # by its full name, as the call below imports it (``from . import`` would accept the
+        # package's attribute left by an earlier import)
+        importlib.import_module(f"{__package__}.ms_deform_attn_triton")
     except Exception as e:  # any failure of triton's import means no kernels
         return f"{type(e).__name__}: {e}"
     return None
