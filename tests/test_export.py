@@ -203,6 +203,15 @@ def test_an_unknown_meta_architecture_is_named(tmp_path, capsys):
     check_exportable(cfg)  # the shapes config is exportable
 
 
+def test_a_dat_model_is_refused_by_name(tmp_path):
+    """torch.export specialises the image size through DAT's window partition: refused before
+    anything is built, naming the backbone (docs/fidelity.md, DAT)."""
+    with pytest.raises(SystemExit, match=r"MODEL.BACKBONE.NAME='build_dat_backbone': DAT"):
+        main(["--config-file", config_path("quick_schedules/dab_deformable_detr_DAT_shapes.yaml"),
+              "--output", str(tmp_path / "m.onnx")])
+    assert not os.path.exists(tmp_path / "m.onnx")
+
+
 def test_a_model_that_torch_export_refuses_is_named_by_its_code(tmp_path, monkeypatch):
     """Data-dependent Python in the model (here a mask resize that branches on the mask's
     values) stops torch.export: the error names the model's function, not torch's stack."""

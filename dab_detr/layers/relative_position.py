@@ -43,8 +43,9 @@ def resize_displacement_table(table: torch.Tensor, size: Tuple[int, int]) -> tor
     """``table`` ``(h, 2H' - 1, 2W' - 1)``, learned on an ``H' x W'`` map, for an ``H x W``
     map: ``size`` = ``(2H - 1, 2W - 1)``. The official DAT's rule for other resolutions
     (``DAT.load_pretrained``): bicubic interpolation, ``align_corners=False``; unchanged when
-    the sizes agree."""
-    if tuple(table.shape[-2:]) == tuple(size):
+    the sizes agree (where the sizes are symbolic, as in an export, it interpolates anyway:
+    bicubic to the same size is the identity, and a comparison would fix the sizes)."""
+    if all(isinstance(n, int) for n in size) and tuple(table.shape[-2:]) == tuple(size):
         return table
     return F.interpolate(table[None], size=size, mode="bicubic", align_corners=False)[0]
 

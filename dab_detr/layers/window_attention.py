@@ -9,7 +9,7 @@ Shapes: B batch, H x W map, C channels, h heads, w window side, N = w * w tokens
 nW windows per image. Maps are channels-last ``(B, H, W, C)``.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,20 +24,25 @@ __all__ = ["WindowAttention", "shifted_window_mask"]
 _OTHER_REGION = -100.0
 
 
-def shifted_window_mask(size: Tuple[int, int], window: int, shift: int) -> torch.Tensor:
+def shifted_window_mask(size: Tuple[int, int], window: int, shift: int,
+                        device: Optional[torch.device] = None) -> torch.Tensor:
     """``(nW, N, N)``: 0 between tokens that were neighbours before the map (``size``, padded
     to windows) was rolled by ``-shift``, -100 between tokens the roll brought together from
-    opposite edges. Windows and tokens row-major."""
+    opposite edges. Windows and tokens row-major.
+
+    Along each axis of length n, Swin's three regions: [0, n - w), [n - w, n - s), [n - s, n).
+    """
     height, width = size
-    regions = torch.zeros(height, width)
-    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    for i, rows in enumerate(bounds):
-        for j, cols in enumerate(bounds):
-            regions[rows, cols] = 3 * i + j
-    # (H, W) -> (nW, N): the region of each token of each window
-    regions = regions.view(height // window, window, width // window, window)
-    regions = regions.permute(0, 2, 1, 3).reshape(-1, window * window)
-    differ = regions[:, None, :] != regions[:, :, None]
+
+    def regions(n: int) -> torch.Tensor:  # (n,) 0, 1 or 2
+        i = torch.arange(n, device=device)
+        return (i >= n - window).long() + (i >= n - shift).long()
+
+    # (H, W) region of each token -> (nW, N) per window
+    labels = regions(height)[:, None] * 3 + regions(width)[None, :]
+    labels = labels.view(height // window, window, width // window, window)
+    labels = labels.transpose(1, 2).reshape(-1, window * window)
+    differ = labels[:, None, :] != labels[:, :, None]
     return torch.where(differ, _OTHER_REGION, 0.0)
 
 
@@ -62,22 +67,24 @@ class WindowAttention(nn.Module):
         self._masks: Dict[Tuple[int, int, torch.device], torch.Tensor] = {}
 
     def _mask(self, size: Tuple[int, int], device: torch.device) -> torch.Tensor:
+        if not all(isinstance(n, int) for n in size):  # symbolic sizes (export): no cache
+            return shifted_window_mask(size, self.window_size, self.shift, device)
         key = (*size, device)
         if key not in self._masks:  # one per padded map size, kept
-            self._masks[key] = shifted_window_mask(size, self.window_size, self.shift).to(device)
+            self._masks[key] = shifted_window_mask(size, self.window_size, self.shift, device)
         return self._masks[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
         b, height, width, c = x.shape
         w = self.window_size
-        pad_h, pad_w = -height % w, -width % w
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # zeros at the bottom and right
-        hp, wp = height + pad_h, width + pad_w
+        rows, cols = (height + w - 1) // w, (width + w - 1) // w  # windows per column, row
+        hp, wp = rows * w, cols * w
+        x = F.pad(x, (0, 0, 0, wp - width, 0, hp - height))  # zeros at the bottom and right
         if self.shift:
             x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
         # (B, H, W, C) -> (B * nW, N, C): windows row-major, tokens row-major in each
-        windows = x.view(b, hp // w, w, wp // w, w, c).transpose(2, 3).reshape(-1, w * w, c)
+        windows = x.view(b, rows, w, cols, w, c).transpose(2, 3).reshape(-1, w * w, c)
         # (B * nW, N, 3C) -> 3 x (B * nW, h, N, C / h)
         q, k, v = self.qkv(windows).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
         bias = self.position_bias().to(q.dtype)  # (h, N, N)
@@ -89,7 +96,7 @@ class WindowAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale C/h ** -0.5
         # (B * nW, h, N, C / h) -> (B, H, W, C)
         out = self.proj(out.transpose(1, 2).reshape(-1, w * w, c))
-        out = out.view(b, hp // w, wp // w, w, w, c).transpose(2, 3).reshape(b, hp, wp, c)
+        out = out.view(b, rows, cols, w, w, c).transpose(2, 3).reshape(b, hp, wp, c)
         if self.shift:
             out = torch.roll(out, shifts=(self.shift, self.shift), dims=(1, 2))
         return out[:, :height, :width]
