@@ -341,6 +341,8 @@ SAMPLING_PICTURES = ["sampling_points_layer0.png", "sampling_points_layer1.png",
 @pytest.mark.parametrize("config, pictures", [
     (DEFORMABLE, SAMPLING_PICTURES),
     (DINO, [*SAMPLING_PICTURES, "selected_proposals.png"]),
+    ("quick_schedules/dab_deformable_detr_DAT_shapes.yaml",
+     [*SAMPLING_PICTURES, "dat_deformed_points.png"]),
     (SHAPES, ["positional_attention_layer0.png", "positional_attention_layer1.png",
               "positional_attention_layer2.png", "positional_attention_temperature.png"]),
 ])

@@ -35,6 +35,13 @@ For a DINO config (MODEL.META_ARCHITECTURE "DINO") the same pictures, and:
                                      proposal (first anchor) with the encoder's class and
                                      score, and their box after the last decoder layer
 
+With a DAT backbone (MODEL.BACKBONE.NAME "build_dat_backbone"), also:
+
+  dat_deformed_points.png            per deformable stage, its last deformable block's
+                                     deformed points (keys and values are read there), one
+                                     colour per offset group, each linked to its reference
+                                     point (grey), as the DAT paper's Fig. 6
+
 In DINO a layer's anchors are the previous layer's raw output's refinement, not the boxes it
 reports (made from its normed output): box_refinement.png shows the reported boxes.
 
@@ -68,6 +75,8 @@ from dab_detr.data.images import read_image  # noqa: E402
 
 # the demo's predictor: same weights loading and test-time preprocessing
 from dab_detr.engine.predictor import build_predictor, setup_cfg  # noqa: E402
+from dab_detr.layers.dat_attention import reference_grid  # noqa: E402
+from dab_detr.modeling.dat import recorded_deformed_points  # noqa: E402
 from dab_detr.modeling.deformable_transformer.mechanism import (  # noqa: E402
     SamplingTrace,
     level_strides,
@@ -294,6 +303,62 @@ def plot_sampling_points(trace: SamplingTrace, strides: List[int], layer: int, q
     plt.close(fig)
 
 
+def _dat_pixels(yx: torch.Tensor, map_size: Tuple[int, int], stride: int,
+                scale: np.ndarray) -> np.ndarray:
+    """DAT locations ``(..., 2)`` (y, x) on a map of ``map_size`` -> ``(N, 2)`` (x, y) pixels
+    of the drawn image (``scale``: drawn pixels per input pixel, (x, y))."""
+    h, w = map_size
+    # align_corners: -1 and 1 are the centres of the first and last cells
+    cells = (yx.flip(-1) + 1) / 2 * torch.tensor([w - 1, h - 1], dtype=yx.dtype)
+    return ((cells + 0.5) * stride).reshape(-1, 2).cpu().numpy() * scale
+
+
+def plot_deformed_points(points: Dict[Tuple[int, int], torch.Tensor], input_size: Tuple[int, int],
+                         image: np.ndarray, path: str, dpi: int, most: int = 300) -> None:
+    """Per deformable stage, the deformed points of its last deformable block (``points``:
+    ``recorded_deformed_points``' ``(1, G, H, W, 2)`` (y, x) of one image of ``input_size``
+    (h, w) input pixels), every group in its colour, each joined to its reference point; at
+    most about ``most`` reference points per stage (every k-th row and column)."""
+    last = {stage: (block, p[0]) for (stage, block), p in sorted(points.items())}
+    # input pixels -> pixels of the drawn image, (x, y)
+    scale = np.array([image.shape[1] / input_size[1], image.shape[0] / input_size[0]])
+    aspect = image.shape[0] / image.shape[1]
+    fig, axes = plt.subplots(1, len(last), squeeze=False,
+                             figsize=(4.5 * len(last) + 0.5, 4.5 * aspect + 0.8))
+    colours = plt.get_cmap("tab10")
+    for ax, (stage, (block, p)) in zip(axes[0], last.items()):
+        groups, h, w, _ = p.shape
+        stride = 4 * 2**stage
+        step = max(1, int(np.ceil(np.sqrt(h * w / most))))
+        ref = _dat_pixels(reference_grid(h, w, p)[::step, ::step], (h, w), stride, scale)
+        every = f"; every {step}th row and column" if step > 1 else ""
+        _show(ax, (image * 0.5).astype(np.uint8),
+              f"stage {stage + 1}, block {block + 1}: {h} x {w} map, stride {stride}\n"
+              f"{groups} groups{every}")
+        ax.scatter(ref[:, 0], ref[:, 1], s=3, c="lightgrey", zorder=2)
+        for g in range(groups):
+            moved = _dat_pixels(p[g, ::step, ::step], (h, w), stride, scale)
+            ax.plot(np.stack([ref[:, 0], moved[:, 0]]), np.stack([ref[:, 1], moved[:, 1]]),
+                    color=colours(g % 10), linewidth=0.4, alpha=0.6)
+            ax.scatter(moved[:, 0], moved[:, 1], s=6, color=colours(g % 10), zorder=3,
+                       label=f"group {g + 1}")
+        ax.set_xlim(0, image.shape[1])
+        ax.set_ylim(image.shape[0], 0)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    _save(fig, path, dpi)
+
+
+def dat_pictures(args: argparse.Namespace, model, images) -> None:
+    """``dat_deformed_points.png`` of a model with a DAT backbone."""
+    with recorded_deformed_points(model.backbone.body) as points, torch.no_grad():
+        model.backbone_features(images)
+    image = read_image(args.input, "RGB")
+    path = _output_paths(args.output)("dat_deformed_points.png")
+    plot_deformed_points(points, tuple(images.image_sizes[0]), image, path, args.dpi)
+    logger.info("DAT's deformed points of stages %s: %s",
+                sorted({stage + 1 for stage, _ in points}), path)
+
+
 def _label(logits: torch.Tensor, class_names: Optional[List[str]]) -> str:
     """``"circle 0.42"``: the best class of ``(K,)`` logits and its score."""
     score, cls = logits.sigmoid().max(0)
@@ -420,6 +485,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     pictures = (deformable_pictures if meta in ("DABDeformableDETR", "DINO")
                 else dab_detr_pictures)
     pictures(args, parser, model, images, image, metadata.get("thing_classes", None))
+    if cfg.MODEL.BACKBONE.NAME == "build_dat_backbone":
+        dat_pictures(args, model, images)
 
 
 if __name__ == "__main__":

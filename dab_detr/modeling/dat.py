@@ -14,8 +14,9 @@ Shapes: B batch, H x W map, C channels; maps inside the stages are channels-last
 ``(B, H, W, C)``, the outputs ``(B, C, H, W)``.
 """
 
+import contextlib
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from torchvision.ops import StochasticDepth
 from ..layers.dat_attention import DATAttention
 from ..layers.window_attention import WindowAttention
 
-__all__ = ["DAT", "DAT_SIZES", "DATSize", "stage_blocks"]
+__all__ = ["DAT", "DAT_SIZES", "DATSize", "recorded_deformed_points", "stage_blocks"]
 
 
 @dataclass(frozen=True)
@@ -167,3 +168,25 @@ class DAT(nn.Module):
         outputs = self.stage_outputs(x, self.out_indices[-1])
         return {i: self.out_norms[str(i)](outputs[i]).permute(0, 3, 1, 2)
                 for i in self.out_indices}
+
+
+@contextlib.contextmanager
+def recorded_deformed_points(model: DAT) -> Iterator[Dict[Tuple[int, int], torch.Tensor]]:
+    """While the block runs, ``{(stage, block): (B, G, H, W, 2)}``: the deformed points
+    ``(y, x)`` in [-1, 1] (``align_corners`` convention) of every deformable block that runs,
+    for pictures (the paper's Fig. 6)."""
+    points: Dict[Tuple[int, int], torch.Tensor] = {}
+    handles = []
+    for s, stage in enumerate(model.stages):
+        for j, block in enumerate(stage):
+            if isinstance(block.attn, DATAttention):
+                def record(module: DATAttention, args: Tuple[torch.Tensor], key=(s, j)) -> None:
+                    with torch.no_grad():
+                        points[key] = module.sampling_locations(module.proj_q(args[0]))
+
+                handles.append(block.attn.register_forward_pre_hook(record))
+    try:
+        yield points
+    finally:
+        for handle in handles:
+            handle.remove()
