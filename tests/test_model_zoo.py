@@ -109,7 +109,18 @@ def test_released_weights_are_verified_files():
         assert 40 < weights.ap < 51
 
 
-@pytest.mark.parametrize("config_path", [p for p in COCO_CONFIGS if p not in RELEASED_WEIGHTS])
+DAT_CONFIGS = [p for p in COCO_CONFIGS if "_DAT_" in p]
+
+
+@pytest.mark.parametrize("config_path", DAT_CONFIGS)
+def test_dat_configs_say_no_coco_weights_exist(config_path):
+    with pytest.raises(InputValueError, match=r"no COCO model of a DAB-family detector with a "
+                                              r"DAT backbone has been released"):
+        model_zoo.get_checkpoint_url(config_path)
+
+
+@pytest.mark.parametrize("config_path", [p for p in COCO_CONFIGS
+                                         if p not in RELEASED_WEIGHTS and p not in DAT_CONFIGS])
 def test_other_configs_say_where_official_weights_are(config_path):
     with pytest.raises(InputValueError) as error:
         model_zoo.get_checkpoint_url(config_path)

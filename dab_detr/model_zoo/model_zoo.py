@@ -17,7 +17,7 @@ from detectron2.modeling import build_model
 from ..checkpoint import DabDetrCheckpointer, architecture_record
 from ..config import get_dab_detr_cfg
 from ..utils.user_errors import InputFileNotFoundError, InputValueError, closest
-from .released import OFFICIAL_WEIGHTS, RELEASED_WEIGHTS
+from .released import OFFICIAL_WEIGHTS, RELEASED_WEIGHTS, UNTRAINED
 
 __all__ = ["config_root", "get", "get_checkpoint_url", "get_config", "get_config_file"]
 
@@ -64,6 +64,9 @@ def get_checkpoint_url(config_path: str) -> str:
     if config_path in RELEASED_WEIGHTS:
         return RELEASED_WEIGHTS[config_path].url
     name = os.path.basename(config_path)
+    for part, why in UNTRAINED:
+        if part in name:
+            raise InputValueError(f"no released weights for {config_path}: {why}")
     where = next(text for prefix, text in OFFICIAL_WEIGHTS if name.startswith(prefix))
     raise InputValueError(
         f"no direct URL of weights for {config_path}: its official weights, if released, "

@@ -14,6 +14,7 @@ from typing import Dict, NamedTuple
 
 __all__ = [
     "DETREX_STORAGE", "DETR_STORAGE", "OFFICIAL_WEIGHTS", "RELEASED_WEIGHTS", "ReleasedWeights",
+    "UNTRAINED",
 ]
 
 DETREX_STORAGE = "https://github.com/IDEA-Research/detrex-storage/releases/download"
@@ -75,4 +76,12 @@ OFFICIAL_WEIGHTS = (
     ("dino_", "DINO's README, 'Model Zoo' (Google Drive and Baidu links; "
               "https://github.com/IDEA-Research/DINO#model-zoo)"),
     ("", "DAB-DETR's README, 'Model Zoo' (https://github.com/IDEA-Research/DAB-DETR#model-zoo)"),
+)
+# (a part of the config's file name, why it has no weights): configs that no one has released
+# COCO weights of; their MODEL.WEIGHTS is an ImageNet backbone
+UNTRAINED = (
+    ("_DAT_", "no COCO model of a DAB-family detector with a DAT backbone has been released "
+              "(DAT's own detection models are mmdetection's Mask R-CNN and RetinaNet); its "
+              "MODEL.WEIGHTS is the official DAT ImageNet checkpoint "
+              "(https://github.com/LeapLabTHU/DAT)"),
 )
