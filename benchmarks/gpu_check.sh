@@ -33,12 +33,12 @@ SKIP=" "
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
-    --out) OUT="$2"; shift ;;
+    --out) OUT="${2:?gpu_check.sh: --out needs a folder}"; shift ;;
     --only) shift; while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do ONLY+=("$1"); shift; done
             continue ;;
     --skip) shift; while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do SKIP+="$1 "; shift; done
             continue ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift

@@ -132,6 +132,10 @@ def test_freeze_at_freezes_the_patch_embedding_then_stages():
         backbone = _backbone("MODEL.BACKBONE.FREEZE_AT", str(freeze_at))
         got = {module(n) for n, p in backbone.named_parameters() if not p.requires_grad}
         assert got == frozen, freeze_at
+        backbone.train()  # frozen stages stay in eval mode: no stochastic depth there
+        training = {module(f"body.{n}") for n, m in backbone.body.named_modules()
+                    if n and m.training and not n.startswith("out_norms")}
+        assert not training & frozen and training, freeze_at
 
 
 @pytest.mark.parametrize("opts, message", [
@@ -215,3 +219,21 @@ def test_dat_sizes_are_the_released_models():
     cfg = load_cfg(COCO_CONFIG).MODEL.DAT  # the config's defaults: DAT-T
     assert DATSize(tuple(cfg.DIMS), tuple(cfg.DEPTHS), tuple(cfg.HEADS),
                    tuple(cfg.GROUPS)) == DAT_SIZES["T"]
+
+
+def test_deformed_points_stay_float32_under_bfloat16_autocast():
+    """A bfloat16 location near 1 would be off by up to a quarter of a cell."""
+    from dab_detr.layers.dat_attention import DATAttention
+
+    torch.manual_seed(0)
+    attn = DATAttention(16, 4, 2, kernel_size=3, offset_range_factor=2.0, table_size=(6, 8))
+    x = torch.randn(1, 12, 20, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        points = attn.sampling_locations(attn.proj_q(x))
+        out = attn(x)
+    assert points.dtype == torch.float32
+    with torch.no_grad():
+        expected = attn.sampling_locations(attn.proj_q(x))  # float32 throughout
+    # only the offset network's bfloat16 output differs: about a hundredth of a cell (2 / 20)
+    assert (points - expected).abs().max() < 0.05 * 2 / 20
+    assert out.shape == x.shape and torch.isfinite(out).all()

@@ -109,7 +109,7 @@ def test_released_weights_are_verified_files():
         assert 40 < weights.ap < 51
 
 
-DAT_CONFIGS = [p for p in COCO_CONFIGS if "_DAT_" in p]
+DAT_CONFIGS = [p for p in COCO_CONFIGS if "_DAT_T_" in p]
 
 
 @pytest.mark.parametrize("config_path", DAT_CONFIGS)

@@ -112,7 +112,8 @@ def test_two_tasks_on_two_nodes_join_one_process_group(tmp_path):
                        config=SHAPES_CONFIG)
     procs = []
     for rank in range(2):
-        env = {**os.environ, **_slurm_env(job_id, "localhost,localhost", 2, 2, rank, rank, 0)}
+        env = {**os.environ, **_slurm_env(job_id, "localhost,localhost", 2, 2, rank, rank, 0),
+               "CUDA_VISIBLE_DEVICES": ""}  # CPU tasks over gloo, even on a GPU machine
         procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))

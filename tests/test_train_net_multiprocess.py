@@ -24,6 +24,9 @@ from dab_detr.engine.launch import _free_port
 SCRIPT = os.path.join(REPO, "tests", "train_net_recording.py")
 ITERS = 4
 
+# CPU workers over gloo even on a machine with a GPU (with CUDA, launch would pick NCCL)
+CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -54,7 +57,7 @@ def _run(out, num_gpus, *opts, eval_only=False):
     """Run train_net (recording) in a subprocess; the records of its workers, by rank."""
     cmd = _command(out, ["--num-gpus", str(num_gpus), "--dist-url", "auto"], *opts,
                    eval_only=eval_only)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=CPU_ENV)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return _records(out, num_gpus)
 
@@ -70,7 +73,8 @@ def _run_machines(out, machines, *opts):
                        "--num-gpus", "1", "--dist-url", url]
         log = open(out / f"machine{rank}.log", "w")  # files, not pipes: none blocks writing
         procs.append((subprocess.Popen(_command(out, launch_args, *opts), stdout=log,
-                                       stderr=subprocess.STDOUT, text=True, cwd=REPO), log))
+                                       stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                       env=CPU_ENV), log))
     for rank, (proc, log) in enumerate(procs):
         try:
             code = proc.wait(timeout=600)

@@ -308,6 +308,7 @@ def _dat_pixels(yx: torch.Tensor, map_size: Tuple[int, int], stride: int,
     """DAT locations ``(..., 2)`` (y, x) on a map of ``map_size`` -> ``(N, 2)`` (x, y) pixels
     of the drawn image (``scale``: drawn pixels per input pixel, (x, y))."""
     h, w = map_size
+    yx = yx.float().cpu()
     # align_corners: -1 and 1 are the centres of the first and last cells
     cells = (yx.flip(-1) + 1) / 2 * torch.tensor([w - 1, h - 1], dtype=yx.dtype)
     return ((cells + 0.5) * stride).reshape(-1, 2).cpu().numpy() * scale

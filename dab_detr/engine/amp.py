@@ -39,11 +39,21 @@ def autocast_dtype(cfg: CfgNode) -> torch.dtype:
         raise ValueError(f"SOLVER.AMP.PRECISION={name!r}; expected one of {sorted(PRECISIONS)}")
     dtype = PRECISIONS[name]
     device = cfg.MODEL.DEVICE
+    # compute capability 8 (Ampere) or later: recent torch's is_bf16_supported() also counts
+    # the emulated bfloat16 of older GPUs
     if (dtype == torch.bfloat16 and device.startswith("cuda") and torch.cuda.is_available()
-            and not torch.cuda.is_bf16_supported()):
+            and torch.cuda.get_device_capability()[0] < 8):
         raise ValueError(f"SOLVER.AMP.PRECISION='bfloat16' needs a GPU with bfloat16 (Ampere or "
                          f"later); {torch.cuda.get_device_name()} has none: use 'float16'")
     return dtype
+
+
+def _grad_scaler(device: str, enabled: bool) -> Any:
+    """A loss scaler for ``device``'s float16 (``torch.amp.GradScaler``: torch >= 2.3; before,
+    CUDA's own)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled and device == "cuda")
 
 
 class AutocastTrainer(AMPTrainer):
@@ -53,7 +63,7 @@ class AutocastTrainer(AMPTrainer):
     def __init__(self, model: torch.nn.Module, data_loader: Any,
                  optimizer: torch.optim.Optimizer, precision: torch.dtype = torch.float16):
         device = next(model.parameters()).device.type
-        scaler = torch.amp.GradScaler(device, enabled=precision == torch.float16)
+        scaler = _grad_scaler(device, enabled=precision == torch.float16)
         super().__init__(model, data_loader, optimizer, grad_scaler=scaler)
         self.precision = precision
         self.device_type = device

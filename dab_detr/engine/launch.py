@@ -99,7 +99,8 @@ def run_worker(
         return
     if torch.cuda.is_available():
         backend = "nccl"
-        torch.cuda.set_device(local_rank)
+        # a cluster that gives each task one GPU shows it as device 0
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     else:
         backend = "gloo"
         torch.set_num_threads(cpu_threads_per_process(num_per_machine))

@@ -85,14 +85,19 @@ class DATAttention(nn.Module):
 
     def sampling_locations(self, q: torch.Tensor) -> torch.Tensor:
         """``q`` ``(B, H, W, C)`` -> the deformed points ``(B, G, H, W, 2)`` ``(y, x)``:
-        reference grid + ``tanh(offset) * factor`` cells, not clamped."""
+        reference grid + ``tanh(offset) * factor`` cells, not clamped; float32 at least (under
+        autocast too: a bfloat16 location near 1 is off by up to a quarter of a cell)."""
         b, height, width, c = q.shape
         g = self.num_groups
         # (B, H, W, C) -> (B * G, C / G, H, W): each group's channels, as its own image
         q_groups = q.view(b, height, width, g, c // g).permute(0, 3, 4, 1, 2).flatten(0, 1)
-        cell = q.new_tensor([1.0 / height, 1.0 / width])  # (y, x): one cell in [-1, 1] is 2/H
-        offset = self.offsets(q_groups).tanh() * cell * self.offset_range_factor
-        grid = reference_grid(height, width, q)
+        raw = self.offsets(q_groups)
+        raw = raw.to(torch.promote_types(raw.dtype, torch.float32))
+        # one cell of an H-row map is 2 / H in [-1, 1]: (y, x) scaled by (1 / H, 1 / W) * factor
+        # (Python numbers, not a tensor: no host-to-device copy)
+        moved = raw.tanh() * self.offset_range_factor
+        offset = torch.stack((moved[..., 0] / height, moved[..., 1] / width), dim=-1)
+        grid = reference_grid(height, width, raw)
         return (grid + offset).view(b, g, height, width, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,17 +110,18 @@ class DATAttention(nn.Module):
         # keys and values are read from the input (not from q), each group at its points:
         # (B, H, W, C) -> (B * G, C / G, H, W), sampled at (B * G, H, W, 2) (x, y)
         x_groups = x.view(b, height, width, g, c // g).permute(0, 3, 4, 1, 2).flatten(0, 1)
-        sampled = F.grid_sample(x_groups, points.flatten(0, 1).flip(-1), mode="bilinear",
-                                align_corners=True)
+        sampled = F.grid_sample(x_groups.to(points.dtype), points.flatten(0, 1).flip(-1),
+                                mode="bilinear", align_corners=True).to(x.dtype)
         # (B * G, C / G, H, W) -> (B, n, C): the n deformed keys' features, all channels
         sampled = sampled.view(b, c, height * width).transpose(1, 2)
         # (B, N, C) -> (B, h, N, C / h): heads are consecutive channel blocks
         q, k, v = (t.view(b, -1, h, c // h).transpose(1, 2)
                    for t in (q.view(b, -1, c), self.proj_k(sampled), self.proj_v(sampled)))
         # (B, G, HW, n, 2): each query's location minus each key's, halved as the table wants
-        queries = reference_grid(height, width, x).view(1, 1, -1, 1, 2)
+        queries = reference_grid(height, width, points).view(1, 1, -1, 1, 2)
         displacement = (queries - points.view(b, g, 1, -1, 2)) * 0.5
         bias = self.position_bias(displacement, (height, width))  # (B, h, HW, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, HW, C / h)
+        # (B, h, HW, C / h); SDPA's float mask takes the queries' dtype
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         out = out.transpose(1, 2).reshape(b, height, width, c)
         return self.proj_out(out)

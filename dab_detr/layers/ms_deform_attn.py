@@ -68,7 +68,9 @@ def _shapes_tensor(spatial_shapes: SpatialShapes, like: torch.Tensor) -> torch.T
     if torch.is_tensor(spatial_shapes):
         return spatial_shapes.to(like)
     # torch.tensor, not as_tensor: the latter makes symbolic sizes constant under torch.export
-    return torch.tensor(list(spatial_shapes), dtype=like.dtype, device=like.device)
+    # (made on the host, copied without waiting: a blocking copy would synchronise)
+    return torch.tensor(list(spatial_shapes), dtype=like.dtype).to(like.device,
+                                                                   non_blocking=True)
 
 
 def _exporting() -> bool:

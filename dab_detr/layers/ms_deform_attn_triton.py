@@ -151,8 +151,9 @@ def _level_tensors(shapes: List[Tuple[int, int]], device: torch.device
     """``(L, 2)`` int32 ``(H_l, W_l)`` and ``(L,)`` int32 first tokens, on ``device``."""
     sizes = [hl * wl for hl, wl in shapes]
     starts = [sum(sizes[:level]) for level in range(len(sizes))]
-    return (torch.tensor(shapes, dtype=torch.int32, device=device),
-            torch.tensor(starts, dtype=torch.int32, device=device))
+    # made on the host, copied without waiting (a blocking copy would synchronise)
+    return (torch.tensor(shapes, dtype=torch.int32).to(device, non_blocking=True),
+            torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True))
 
 
 class _TritonAttention(torch.autograd.Function):

@@ -9,7 +9,7 @@ Shapes: B batch, H x W map, C channels, h heads, w window side, N = w * w tokens
 nW windows per image. Maps are channels-last ``(B, H, W, C)``.
 """
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,15 +64,6 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.position_bias = WindowPositionBias(window_size, num_heads)
-        self._masks: Dict[Tuple[int, int, torch.device], torch.Tensor] = {}
-
-    def _mask(self, size: Tuple[int, int], device: torch.device) -> torch.Tensor:
-        if not all(isinstance(n, int) for n in size):  # symbolic sizes (export): no cache
-            return shifted_window_mask(size, self.window_size, self.shift, device)
-        key = (*size, device)
-        if key not in self._masks:  # one per padded map size, kept
-            self._masks[key] = shifted_window_mask(size, self.window_size, self.shift, device)
-        return self._masks[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
@@ -90,7 +81,9 @@ class WindowAttention(nn.Module):
         bias = self.position_bias().to(q.dtype)  # (h, N, N)
         if self.shift:
             # (nW, N, N) per window of each image -> (B * nW, h, N, N)
-            mask = self._mask((hp, wp), x.device).to(q.dtype)
+            # made on the device for each map (cheap; a cache per size would grow with
+            # multi-scale training's many sizes)
+            mask = shifted_window_mask((hp, wp), w, self.shift, x.device).to(q.dtype)
             bias = (bias[None, None] + mask[None, :, None]).expand(b, -1, -1, -1, -1)
             bias = bias.reshape(-1, *bias.shape[2:])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale C/h ** -0.5

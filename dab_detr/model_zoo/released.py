@@ -80,7 +80,7 @@ OFFICIAL_WEIGHTS = (
 # (a part of the config's file name, why it has no weights): configs that no one has released
 # COCO weights of; their MODEL.WEIGHTS is an ImageNet backbone
 UNTRAINED = (
-    ("_DAT_", "no COCO model of a DAB-family detector with a DAT backbone has been released "
+    ("_DAT_T_", "no COCO model of a DAB-family detector with a DAT backbone has been released "
               "(DAT's own detection models are mmdetection's Mask R-CNN and RetinaNet); its "
               "MODEL.WEIGHTS is the official DAT ImageNet checkpoint "
               "(https://github.com/LeapLabTHU/DAT)"),

@@ -160,8 +160,9 @@ class DABDeformableTransformer(nn.Module):
         pos = torch.cat(flat_pos, 1)  # (B, S, C)
         sizes = [h * w for h, w in spatial_shapes]
         # (L,) index of each level's first token
+        # (made on the host, copied without waiting: a blocking copy would synchronise)
         level_start_index = torch.tensor([sum(sizes[:lvl]) for lvl in range(len(sizes))],
-                                         dtype=torch.long, device=src.device)
+                                         dtype=torch.long).to(src.device, non_blocking=True)
         # (B, L, 2), in float32 as in the official code, whatever the model's precision
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)
         memory = self.encoder(src, pos, spatial_shapes, level_start_index, ratios, mask)

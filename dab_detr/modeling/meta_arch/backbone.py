@@ -108,6 +108,14 @@ class DATBackbone(Backbone):
         for module in frozen:
             for p in module.parameters():
                 p.requires_grad_(False)
+        self._frozen = frozen
+
+    def train(self, mode: bool = True) -> "DATBackbone":
+        """Frozen stages stay in eval mode: no stochastic depth in them."""
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
 
     def forward(
         self, x: torch.Tensor,
@@ -140,7 +148,7 @@ class DATBackbone(Backbone):
         outputs = {i: x.new_zeros(b, self.body.dims[i], height // 4 // 2**i, width // 4 // 2**i)
                    for i in self.body.out_indices}
         for (h, w), members in groups.items():
-            index = torch.tensor(members, device=x.device)
+            index = torch.tensor(members).to(x.device, non_blocking=True)  # no host sync
             maps = self.body(x[index, :, :h, :w])
             for i, out in maps.items():
                 # index_put, not slicing in place, so that autograd sees a plain function
