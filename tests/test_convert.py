@@ -431,4 +431,4 @@ def test_cli_help():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--source" in result.stdout
-    assert "{auto,detrex,official,torchvision,transformers}" in result.stdout
+    assert "{auto,dat,detrex,official,torchvision,transformers}" in result.stdout
