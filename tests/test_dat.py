@@ -20,7 +20,7 @@ from test_weights_layouts import cache, server  # noqa: F401  (fixtures)
 from conftest import load_cfg
 from dab_detr.checkpoint import DabDetrCheckpointer, convert_dat, detect_layout
 from dab_detr.convert import main as convert_main
-from dab_detr.layers.window_attention import WindowAttention
+from dab_detr.layers.window_attention import WindowAttention, shifted_window_mask
 from dab_detr.modeling.dat import DAT, DAT_SIZES, DATSize
 from official_reference import official_state_dict
 
@@ -237,3 +237,19 @@ def test_deformed_points_stay_float32_under_bfloat16_autocast():
     # only the offset network's bfloat16 output differs: about a hundredth of a cell (2 / 20)
     assert (points - expected).abs().max() < 0.05 * 2 / 20
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("size", [(56, 56), (28, 56)])
+def test_shifted_window_mask_is_the_reference_rule(size):
+    """The rule of tests/data/dat_outputs/README.md (Swin's slices), for 7x7 windows, shift 4."""
+    h, w = size
+    regions = torch.zeros(h, w)
+    n = 0
+    for rows in (slice(0, -7), slice(-7, -4), slice(-4, None)):
+        for cols in (slice(0, -7), slice(-7, -4), slice(-4, None)):
+            regions[rows, cols] = n
+            n += 1
+    windows = regions.reshape(h // 7, 7, w // 7, 7).permute(0, 2, 1, 3).reshape(-1, 49)
+    differ = windows[:, None, :] - windows[:, :, None]
+    expected = torch.where(differ != 0, -100.0, 0.0)
+    torch.testing.assert_close(shifted_window_mask(size, 7, 4), expected, rtol=0, atol=0)

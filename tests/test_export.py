@@ -1,6 +1,6 @@
 """ONNX export (``dab_detr.export``): every family (DAB-DETR, DAB-Deformable-DETR, DETR,
-Conditional DETR, DINO) exported at one size and run by onnxruntime
-on a padded batch of two other sizes, against PyTorch's ``model.inference``; the export-exact
+Conditional DETR, DINO) exported at one size and run by onnxruntime on a padded batch of two
+other sizes (a DAT backbone: single images), against PyTorch's ``model.inference``; the export-exact
 padding-mask resize; errors that name what cannot be exported.
 
 Shapes: B batch, S detections per image.
@@ -47,6 +47,7 @@ DEFORMABLE = config_path("quick_schedules/dab_deformable_detr_R_18_shapes.yaml")
 DETR = config_path("quick_schedules/detr_R_18_shapes.yaml")
 CONDITIONAL_DETR = config_path("quick_schedules/conditional_detr_R_18_shapes.yaml")
 DINO = config_path("quick_schedules/dino_R_18_shapes.yaml")
+DAT = config_path("quick_schedules/dab_deformable_detr_DAT_shapes.yaml")
 def _model(config_file: str) -> torch.nn.Module:
     """A small random model whose heads and deformable attentions are moved off their
     initialisation, so that boxes and sampling depend on the image."""
@@ -203,13 +204,21 @@ def test_an_unknown_meta_architecture_is_named(tmp_path, capsys):
     check_exportable(cfg)  # the shapes config is exportable
 
 
-def test_a_dat_model_is_refused_by_name(tmp_path):
-    """torch.export specialises the image size through DAT's window partition: refused before
-    anything is built, naming the backbone (docs/fidelity.md, DAT)."""
-    with pytest.raises(SystemExit, match=r"MODEL.BACKBONE.NAME='build_dat_backbone': DAT"):
-        main(["--config-file", config_path("quick_schedules/dab_deformable_detr_DAT_shapes.yaml"),
-              "--output", str(tmp_path / "m.onnx")])
-    assert not os.path.exists(tmp_path / "m.onnx")
+@pytest.fixture(scope="module")
+def dat_onnx(tmp_path_factory):
+    """A DAT-backbone model, exported and checked by the command line (on single images: its
+    graph runs a padded batch as one, PyTorch each image alone)."""
+    return _export_by_command_line(tmp_path_factory.mktemp("dat"), DAT)
+
+
+@pytest.mark.parametrize("size", [(112, 150), (77, 120), (64, 64)])
+def test_a_dat_model_matches_pytorch_on_single_images_of_other_sizes(dat_onnx, size):
+    model, path = dat_onnx
+    gen = torch.Generator().manual_seed(2)
+    images = model.preprocess_image([{"image": torch.rand(3, *size, generator=gen) * 255}])
+    expected = pytorch_detections(model, images)
+    actual = run_onnxruntime(path, images.tensor, torch.tensor(images.image_sizes))
+    _assert_same_detections(expected, actual)
 
 
 def test_a_model_that_torch_export_refuses_is_named_by_its_code(tmp_path, monkeypatch):

@@ -60,12 +60,6 @@ def check_exportable(cfg: CfgNode) -> None:
     if meta not in EXPORTABLE:
         raise ExportError(f"MODEL.META_ARCHITECTURE={meta!r}: the ONNX export supports "
                           f"{sorted(EXPORTABLE)}")
-    if cfg.MODEL.BACKBONE.NAME == "build_dat_backbone":
-        # torch.export guards the window partition's sizes (windows per row, padding) with
-        # conditions its solver cannot prove for every size, and specialises height and width
-        raise ExportError("MODEL.BACKBONE.NAME='build_dat_backbone': DAT models do not export "
-                          "to ONNX yet (torch.export fixes the image size through DAT's window "
-                          "partition); the ResNet backbones do")
 
 
 def export_onnx(

@@ -123,5 +123,7 @@ class DATAttention(nn.Module):
         bias = self.position_bias(displacement, (height, width))  # (B, h, HW, n)
         # (B, h, HW, C / h); SDPA's float mask takes the queries' dtype
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-        out = out.transpose(1, 2).reshape(b, height, width, c)
+        # (merging the heads first, then splitting the tokens: one reshape that splits HW
+        # fails in the ONNX export's decomposition)
+        out = out.transpose(1, 2).reshape(b, height * width, c).view(b, height, width, c)
         return self.proj_out(out)
