@@ -15,7 +15,7 @@ each), n = H * W deformed keys. Maps are channels-last ``(B, H, W, C)``; locatio
 (``grid_sample``'s ``align_corners=True``).
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +83,10 @@ class DATAttention(nn.Module):
         self.offsets = OffsetNetwork(dim // num_groups, kernel_size)
         self.position_bias = DisplacementPositionBias(num_heads, table_size)
 
-    def sampling_locations(self, q: torch.Tensor) -> torch.Tensor:
-        """``q`` ``(B, H, W, C)`` -> the deformed points ``(B, G, H, W, 2)`` ``(y, x)``:
+    def sampling_locations(self, q: torch.Tensor,
+                           grid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``q`` ``(B, H, W, C)`` -> the deformed points ``(B, G, H, W, 2)`` ``(y, x)``
+        (``grid``: the ``(H, W, 2)`` reference grid, if already made):
         reference grid + ``tanh(offset) * factor`` cells, not clamped; float32 at least (under
         autocast too: a bfloat16 location near 1 is off by up to a quarter of a cell)."""
         b, height, width, c = q.shape
@@ -97,7 +99,8 @@ class DATAttention(nn.Module):
         # (Python numbers, not a tensor: no host-to-device copy)
         moved = raw.tanh() * self.offset_range_factor
         offset = torch.stack((moved[..., 0] / height, moved[..., 1] / width), dim=-1)
-        grid = reference_grid(height, width, raw)
+        if grid is None:
+            grid = reference_grid(height, width, raw)
         return (grid + offset).view(b, g, height, width, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +109,10 @@ class DATAttention(nn.Module):
         b, height, width, c = x.shape
         g, h = self.num_groups, self.num_heads
         q = self.proj_q(x)
-        points = self.sampling_locations(q)
+        # (H, W, 2): the reference points, which are also the queries' locations
+        grid = reference_grid(height, width, x.new_empty((), dtype=torch.promote_types(
+            x.dtype, torch.float32)))
+        points = self.sampling_locations(q, grid)
         # keys and values are read from the input (not from q), each group at its points:
         # (B, H, W, C) -> (B * G, C / G, H, W), sampled at (B * G, H, W, 2) (x, y)
         x_groups = x.view(b, height, width, g, c // g).permute(0, 3, 4, 1, 2).flatten(0, 1)
@@ -118,7 +124,7 @@ class DATAttention(nn.Module):
         q, k, v = (t.view(b, -1, h, c // h).transpose(1, 2)
                    for t in (q.view(b, -1, c), self.proj_k(sampled), self.proj_v(sampled)))
         # (B, G, HW, n, 2): each query's location minus each key's, halved as the table wants
-        queries = reference_grid(height, width, points).view(1, 1, -1, 1, 2)
+        queries = grid.view(1, 1, -1, 1, 2)
         displacement = (queries - points.view(b, g, 1, -1, 2)) * 0.5
         bias = self.position_bias(displacement, (height, width))  # (B, h, HW, n)
         # (B, h, HW, C / h); SDPA's float mask takes the queries' dtype
